@@ -1,0 +1,126 @@
+"""One attention interface, `Attention`, with the kinds behind it (DESIGN.md section 2).
+
+Layering: core functions on (B, H, L, D) tensors (`lsh_attention`, `local_attention`,
+`full_attention`) -> the `Attention` module (projections, heads, hash rotations) -> blocks.
+`reference.py` holds the naive versions the tests compare against.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ReformerConfig
+from .common import padded_length
+from .full import full_attention
+from .local import local_attention
+from .lsh import auto_n_buckets, bucket_factors, draw_rotations, hash_vectors, lsh_attention
+
+__all__ = [
+    "Attention",
+    "auto_n_buckets",
+    "bucket_factors",
+    "draw_rotations",
+    "full_attention",
+    "hash_vectors",
+    "local_attention",
+    "lsh_attention",
+]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention of one kind: "lsh", "full" or "local".
+
+    Shared-QK kinds have one query-key projection; the others separate Q and K projections.
+    LSH draws fresh hash rotations on every call from the generator it is given (so a
+    reversible backward pass can replay them) or from torch's global RNG.
+    """
+
+    def __init__(self, config: ReformerConfig, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.n_heads = config.n_heads
+        self.head_dim = config.head_dim
+        self.causal = config.causal
+        self.chunk_len = config.chunk_len
+        self.n_hashes = config.n_hashes
+        self.n_buckets = config.n_buckets
+        self.lsh_mode = config.lsh_mode
+        self.shared_qk = config.shared_qk_for(kind)
+        inner = self.n_heads * self.head_dim
+        if self.shared_qk:
+            self.qk = nn.Linear(config.d_model, inner, bias=False)
+        else:
+            self.q = nn.Linear(config.d_model, inner, bias=False)
+            self.k = nn.Linear(config.d_model, inner, bias=False)
+        self.v = nn.Linear(config.d_model, inner, bias=False)
+        self.out = nn.Linear(inner, config.d_model)
+
+    def extra_repr(self) -> str:
+        extra = f", n_hashes={self.n_hashes}, mode={self.lsh_mode}" if self.kind == "lsh" else ""
+        return f"kind={self.kind}, heads={self.n_heads}, head_dim={self.head_dim}{extra}"
+
+    def _heads(self, x: Tensor) -> Tensor:  # (B, L, H * D) -> (B, H, L, D)
+        B, L, _ = x.shape
+        return x.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def buckets_for(self, length: int) -> int:
+        """The bucket count LSH uses for a sequence of `length` tokens."""
+        if self.n_buckets is not None:
+            return self.n_buckets
+        return auto_n_buckets(padded_length(length, self.chunk_len), self.chunk_len)
+
+    def draw_rotations(
+        self, length: int, generator: torch.Generator | None, device: torch.device, dtype
+    ) -> tuple[Tensor, ...]:
+        # Drawn in float32 whatever the model's dtype, so a float64 copy of a model hashes
+        # with the same rotations (upcast) as the float32 original.
+        rotations = draw_rotations(
+            self.n_heads,
+            self.head_dim,
+            self.n_hashes,
+            self.buckets_for(length),
+            generator=generator,
+            device=device,
+            dtype=torch.float32,
+        )
+        return (
+            tuple(r.to(torch.float64) for r in rotations) if dtype == torch.float64 else rotations
+        )
+
+    def forward(
+        self,
+        x: Tensor,
+        attention_mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """(B, L, d_model) -> (B, L, d_model). attention_mask: (B, L), True at real tokens."""
+        B, L, _ = x.shape
+        v = self._heads(self.v(x))  # (B, H, L, D)
+        if self.shared_qk:
+            q, k = self._heads(self.qk(x)), None
+        else:
+            q, k = self._heads(self.q(x)), self._heads(self.k(x))
+        if self.kind == "lsh":
+            rotations = self.draw_rotations(L, generator, x.device, q.dtype)
+            out = lsh_attention(
+                q,
+                v,
+                rotations,
+                chunk_len=self.chunk_len,
+                causal=self.causal,
+                mode=self.lsh_mode,
+                attention_mask=attention_mask,
+            )
+        elif self.kind == "local":
+            out = local_attention(
+                q,
+                k,
+                v,
+                chunk_len=self.chunk_len,
+                causal=self.causal,
+                attention_mask=attention_mask,
+            )
+        else:
+            out = full_attention(q, k, v, causal=self.causal, attention_mask=attention_mask)
+        return self.out(out.transpose(1, 2).reshape(B, L, -1))

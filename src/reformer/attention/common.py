@@ -1,0 +1,77 @@
+"""Pieces shared by the chunked attention kinds (LSH and local) and their references.
+
+Legend: B batch, H heads, L length, Lp length padded to a multiple of C, D head dim,
+C chunk length, N chunks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# A masked-out score. Finite, so a row with no candidate (a padded query) gives a finite
+# garbage output instead of NaN, which would leak through 0 * NaN into real rows later;
+# exp(MASK - lse) underflows to exactly 0 for every real row, whose lse >= SELF_SCORE.
+MASK_SCORE = -1e9
+# The score of a token with itself under shared-QK attention (the paper's rule: a token
+# attends to itself only when it has no other candidate). Large negative rather than -inf
+# so that such a token still gets a well-defined output; exp(SELF_SCORE) == 0 in fp32/64.
+SELF_SCORE = -1e5
+
+
+def padded_length(length: int, chunk_len: int) -> int:
+    """Smallest multiple of `chunk_len` >= `length`."""
+    return -(-length // chunk_len) * chunk_len
+
+
+def pad_to(x: Tensor, length: int, dim: int) -> Tensor:
+    """Zero-pad `x` along `dim` to `length`."""
+    extra = length - x.shape[dim]
+    if extra == 0:
+        return x
+    pad = [0, 0] * (x.dim() - 1 - (dim % x.dim())) + [0, extra]
+    return F.pad(x, pad)
+
+
+def valid_positions(
+    batch: int, length: int, padded: int, attention_mask: Tensor | None, device: torch.device
+) -> Tensor:
+    """(B, Lp) bool: True at real tokens, False at user padding and internal padding."""
+    valid = torch.zeros(batch, padded, dtype=torch.bool, device=device)
+    if attention_mask is None:
+        valid[:, :length] = True
+    else:
+        valid[:, :length] = attention_mask.to(device=device, dtype=torch.bool)
+    return valid
+
+
+def look_one_back(x: Tensor, dim: int = -2) -> Tensor:
+    """(..., N, C, ...) -> (..., N, 2C, ...): each chunk preceded by the chunk before it.
+
+    `dim` is the chunk-length dim; the chunk-index dim is the one before it. The first chunk
+    gets the last one (a wrap-around), which callers must mask.
+    """
+    dim = dim % x.dim()
+    return torch.cat([x.roll(1, dims=dim - 1), x], dim=dim)
+
+
+def lookback_ok(rounds: int, n_chunks: int, chunk_len: int, device: torch.device) -> Tensor:
+    """(R * N, 1, 2C) bool layout mask for `look_one_back`: False on the look-back half of
+    each round's first chunk (whose wrap-around would reach into another round, or, with a
+    single chunk, duplicate the chunk's own keys)."""
+    ok = torch.ones(rounds, n_chunks, 1, 2 * chunk_len, dtype=torch.bool, device=device)
+    ok[:, 0, :, :chunk_len] = False
+    return ok.view(rounds * n_chunks, 1, 2 * chunk_len)
+
+
+def unit_keys(qk: Tensor) -> Tensor:
+    """Shared-QK keys: queries scaled to unit length (no further 1/sqrt(d) temperature)."""
+    return F.normalize(qk, p=2.0, dim=-1, eps=1e-6)
+
+
+def upcast(scores: Tensor) -> Tensor:
+    """Scores in at least float32: softmax statistics in half precision lose too much."""
+    if scores.dtype in (torch.float16, torch.bfloat16):
+        return scores.float()
+    return scores

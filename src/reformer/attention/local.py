@@ -1,0 +1,75 @@
+"""Local attention: each chunk of C positions attends to itself and the chunk before it.
+
+Legend: B batch, H heads, L length, Lp padded length, D head dim, C chunk length,
+N = Lp / C chunks. The authors' enwik8 model interleaves it with LSH layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .common import (
+    MASK_SCORE,
+    SELF_SCORE,
+    look_one_back,
+    lookback_ok,
+    pad_to,
+    padded_length,
+    unit_keys,
+    upcast,
+    valid_positions,
+)
+
+
+def local_attention(
+    q: Tensor,
+    k: Tensor | None,
+    v: Tensor,
+    *,
+    chunk_len: int,
+    causal: bool,
+    attention_mask: Tensor | None = None,
+) -> Tensor:
+    """Chunked local attention over the own and the previous chunk.
+
+    Args:
+        q: (B, H, L, D) queries (the shared query-keys when `k` is None).
+        k: (B, H, L, D) keys, or None for shared-QK attention (unit keys, no 1/sqrt(D),
+            a token sees itself only when it has nothing else; as in LSH attention).
+        v: (B, H, L, D) values.
+        chunk_len: C; any L works.
+        causal: keep only j <= i.
+        attention_mask: optional (B, L), True/1 at real tokens.
+    Returns:
+        (B, H, L, D).
+    """
+    B, H, L, D = q.shape
+    C = chunk_len
+    Lp = padded_length(L, C)
+    N = Lp // C
+    shared = k is None
+    keys = unit_keys(q) if shared else k * (1.0 / math.sqrt(D))
+    q_c = pad_to(q, Lp, 2).view(B, H, N, C, D)
+    k_c = look_one_back(pad_to(keys, Lp, 2).view(B, H, N, C, D), dim=-2)  # (B, H, N, 2C, D)
+    v_c = look_one_back(pad_to(v, Lp, 2).view(B, H, N, C, D), dim=-2)
+
+    pos = torch.arange(Lp, device=q.device).view(N, C)
+    q_pos = pos[:, :, None]  # (N, C, 1)
+    k_pos = look_one_back(pos, dim=-1)[:, None, :]  # (N, 1, 2C); chunk 0 wraps around
+    allowed = lookback_ok(1, N, C, q.device)  # (N, 1, 2C)
+    if causal:
+        allowed = allowed & (k_pos <= q_pos)
+    valid = valid_positions(B, L, Lp, attention_mask, q.device).view(B, N, C)
+    k_valid = look_one_back(valid, dim=-1)[:, None, :, None, :]  # (B, 1, N, 1, 2C)
+    allowed = allowed & k_valid  # (B, 1, N, C, 2C)
+
+    dots = upcast(torch.matmul(q_c, k_c.transpose(-1, -2)))  # (B, H, N, C, 2C)
+    if shared:
+        dots = dots.masked_fill(q_pos == k_pos, SELF_SCORE)
+    dots = dots.masked_fill(~allowed, MASK_SCORE)
+    probs = torch.softmax(dots, dim=-1).to(v_c.dtype)
+    out = torch.matmul(probs, v_c)  # (B, H, N, C, D)
+    return out.view(B, H, Lp, D)[:, :, :L]

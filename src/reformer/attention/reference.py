@@ -1,0 +1,143 @@
+"""Naive O(L^2) attention, written to be obviously right: the tests' ground truth.
+
+Each function builds the dense (L x L) set of allowed pairs straight from the definitions in
+DESIGN.md section 2 and takes a plain softmax over it. Nothing here is fast; nothing here
+shares code with the optimised kinds beyond the two score constants.
+
+Legend: B batch, H heads, L length, D head dim, R hash rounds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .common import SELF_SCORE
+
+
+def _unit(x: Tensor) -> Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+def _valid(attention_mask: Tensor | None, B: int, L: int, device: torch.device) -> Tensor:
+    if attention_mask is None:
+        return torch.ones(B, L, dtype=torch.bool, device=device)
+    return attention_mask.to(device=device, dtype=torch.bool)
+
+
+def _softmax_over(scores: Tensor, allowed: Tensor, v: Tensor) -> Tensor:
+    """softmax over the allowed entries of each row; rows with none give 0."""
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return probs @ v
+
+
+def hash_reference(qk: Tensor, rotations: tuple[Tensor, ...]) -> Tensor:
+    """Buckets (B, H, R, L), head by head and round by round: for factors K_1..K_F,
+    bucket = sum_f h_f * prod_{g > f} K_g with h_f = argmax([x A ; -x A])."""
+    B, H, L, _ = qk.shape
+    R = rotations[0].shape[2]
+    out = torch.zeros(B, H, R, L, dtype=torch.long, device=qk.device)
+    x = qk.detach().to(rotations[0].dtype)
+    for h in range(H):
+        for r in range(R):
+            for rot in rotations:
+                proj = x[:, h] @ rot[h, :, r, :]  # (B, L, K_f / 2)
+                h_f = torch.cat([proj, -proj], dim=-1).argmax(dim=-1)
+                out[:, h, r] = out[:, h, r] * (2 * rot.shape[-1]) + h_f
+    return out
+
+
+def lsh_candidate_sets(
+    buckets: Tensor, valid: Tensor, *, chunk_len: int, causal: bool, mode: str
+) -> Tensor:
+    """S_r(i) as a dense bool (B, H, R, L, L) [.., i, j] from the buckets (B, H, R, L).
+
+    chunk:  sort by (bucket, position) with padded positions in a bucket after all others,
+            cut into chunks of chunk_len; j is a candidate of i when j's chunk is i's or the
+            one before it.
+    window: j shares i's bucket and is i or one of i's chunk_len nearest earlier
+            bucket-mates.
+    Then: j must be a real token, and j <= i when causal.
+    """
+    B, H, R, L = buckets.shape
+    K = int(buckets.max()) + 1
+    pos = torch.arange(L, device=buckets.device)
+    sets = torch.zeros(B, H, R, L, L, dtype=torch.bool, device=buckets.device)
+    for b in range(B):
+        for h in range(H):
+            for r in range(R):
+                bk = torch.where(valid[b], buckets[b, h, r], K)  # padding: a bucket of its own
+                if mode == "chunk":
+                    order = torch.argsort(bk * L + pos)
+                    rank = torch.empty_like(order)
+                    rank[order] = pos
+                    chunk = rank // chunk_len
+                    s = (chunk[None, :] == chunk[:, None]) | (chunk[None, :] == chunk[:, None] - 1)
+                else:
+                    same = bk[:, None] == bk[None, :]
+                    # nth: how many earlier positions share my bucket (my rank in the bucket)
+                    nth = torch.tril(same.long(), -1).sum(dim=1)
+                    back = nth[:, None] - nth[None, :]
+                    s = same & (pos[None, :] <= pos[:, None]) & (back <= chunk_len)
+                s = s & valid[b][None, :]
+                if causal:
+                    s = s & (pos[None, :] <= pos[:, None])
+                sets[b, h, r] = s
+    return sets
+
+
+def lsh_attention_reference(
+    qk: Tensor,
+    v: Tensor,
+    rotations: tuple[Tensor, ...],
+    *,
+    chunk_len: int,
+    causal: bool,
+    mode: str,
+    attention_mask: Tensor | None = None,
+) -> Tensor:
+    """Softmax over the union of the rounds' candidate sets, each pair counted once.
+
+    (B, H, L, D) x2 -> (B, H, L, D). Rows of padded queries are 0.
+    """
+    B, _H, L, _ = qk.shape
+    valid = _valid(attention_mask, B, L, qk.device)
+    sets = lsh_candidate_sets(
+        hash_reference(qk, rotations), valid, chunk_len=chunk_len, causal=causal, mode=mode
+    )
+    union = sets.any(dim=2)  # (B, H, L, L)
+    scores = qk @ _unit(qk).transpose(-1, -2)
+    eye = torch.eye(L, dtype=torch.bool, device=qk.device)
+    scores = scores.masked_fill(eye, SELF_SCORE)
+    return _softmax_over(scores, union, v)
+
+
+def dense_attention_reference(
+    q: Tensor,
+    k: Tensor | None,
+    v: Tensor,
+    *,
+    causal: bool,
+    attention_mask: Tensor | None = None,
+    chunk_len: int | None = None,
+) -> Tensor:
+    """Full attention, or local attention when `chunk_len` is given (j in i's chunk or the
+    previous chunk). `k=None` means shared QK: unit keys, no 1/sqrt(D), self score
+    SELF_SCORE. (B, H, L, D) -> (B, H, L, D); rows of padded queries are 0."""
+    B, H, L, D = q.shape
+    pos = torch.arange(L, device=q.device)
+    allowed = _valid(attention_mask, B, L, q.device)[:, None, None, :].expand(B, H, L, L)
+    if causal:
+        allowed = allowed & (pos[None, :] <= pos[:, None])
+    if chunk_len is not None:
+        ci, cj = pos[:, None] // chunk_len, pos[None, :] // chunk_len
+        allowed = allowed & ((cj == ci) | (cj == ci - 1))
+    if k is None:
+        scores = q @ _unit(q).transpose(-1, -2)
+        scores = scores.masked_fill(torch.eye(L, dtype=torch.bool, device=q.device), SELF_SCORE)
+    else:
+        scores = q @ k.transpose(-1, -2) / math.sqrt(D)
+    return _softmax_over(scores, allowed, v)

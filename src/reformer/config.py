@@ -1,0 +1,235 @@
+"""`ReformerConfig`: every architectural choice of a Reformer language model, validated.
+
+A bad value raises at construction, naming the field, the value and what is allowed
+(`ValueError` for a bad value, `TypeError` for a bad type), never later as a shape error
+from deep inside a layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+ATTENTION_KINDS = ("lsh", "full", "local")
+LSH_MODES = ("window", "chunk")
+POS_EMBS = ("axial", "absolute", "none")
+
+
+def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        allowed = "an int or None" if optional else "an int"
+        raise TypeError(f"ReformerConfig.{name} must be {allowed}; got {value!r}")
+    if value < minimum:
+        raise ValueError(f"ReformerConfig.{name} must be >= {minimum}; got {value}")
+
+
+def _check_bool(name: str, value: Any, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not isinstance(value, bool):
+        raise TypeError(f"ReformerConfig.{name} must be True or False; got {value!r}")
+
+
+def _int_tuple(name: str, value: Any) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, int) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        raise TypeError(f"ReformerConfig.{name} must be a sequence of ints; got {value!r}")
+    out = tuple(value)
+    if not out or min(out) < 1:
+        raise ValueError(f"ReformerConfig.{name} must hold positive ints; got {value!r}")
+    return out
+
+
+def default_axial_shape(max_seq_len: int) -> tuple[int, int]:
+    """Two factors n1 x n2 >= max_seq_len with n1 ~ sqrt(max_seq_len) (n1 a power of two)."""
+    n1 = 2 ** math.ceil(math.log2(max(1, max_seq_len)) / 2)
+    return n1, max(1, math.ceil(max_seq_len / n1))
+
+
+@dataclass
+class ReformerConfig:
+    """Architecture of a Reformer language model (DESIGN.md section 4).
+
+    Attention per layer: `attention` is one kind for every layer ("lsh", "full" or "local")
+    or a comma-separated pattern repeated over the layers, e.g. "local,local,lsh,local" (the
+    authors' enwik8 model). A list or tuple of kinds is accepted too.
+    """
+
+    vocab_size: int = 256
+    d_model: int = 256
+    n_heads: int = 4
+    d_ff: int = 1024
+    n_layers: int = 6
+    max_seq_len: int = 65536
+    attention: str = "lsh"
+    """'lsh' | 'full' | 'local', or a comma-separated per-layer pattern repeated over layers."""
+    d_head: int | None = None
+    """Per-head width; None: d_model // n_heads."""
+    shared_qk: bool | None = None
+    """Shared query-key projection. None: the kind's default (lsh and full True, local False).
+    LSH requires True; full with False is the ordinary Transformer baseline."""
+    n_hashes: int = 4
+    """LSH hash rounds; can be changed for evaluation with `ReformerLM.set_n_hashes`."""
+    chunk_len: int = 64
+    """Chunk length m of LSH and local attention (each chunk attends to itself and the previous)."""
+    n_buckets: int | None = None
+    """Even number of LSH buckets; None: 2 * next_pow2(ceil(L / chunk_len)) for each length L."""
+    lsh_mode: str | None = None
+    """'window' (strictly causal; default if causal) or 'chunk' (the paper's; default if not)."""
+    causal: bool = True
+    reversible: bool = True
+    """Reversible residual layers (True) or ordinary pre-norm residual layers (False)."""
+    dropout: float = 0.0
+    """Dropout on the embeddings and on each sublayer's output."""
+    ff_chunk_len: int | None = 4096
+    """Positions per feed-forward chunk; None: unchunked."""
+    loss_chunk_len: int | None = 4096
+    """Positions per chunk of the output logits and loss; None: unchunked."""
+    pos_emb: str = "axial"
+    """'axial' | 'absolute' | 'none'."""
+    axial_shape: tuple[int, ...] | None = None
+    """Axial position grid (product >= max_seq_len); None: two factors near sqrt(max_seq_len)."""
+    axial_dims: tuple[int, ...] | None = None
+    """Width of each axial part (sum = d_model); None: d_model split in two halves."""
+    layer_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _check_int("vocab_size", self.vocab_size, 2)
+        _check_int("d_model", self.d_model, 1)
+        _check_int("n_heads", self.n_heads, 1)
+        _check_int("d_ff", self.d_ff, 1)
+        _check_int("n_layers", self.n_layers, 1)
+        _check_int("max_seq_len", self.max_seq_len, 1)
+        _check_int("d_head", self.d_head, 1, optional=True)
+        _check_int("n_hashes", self.n_hashes, 1)
+        _check_int("chunk_len", self.chunk_len, 1)
+        _check_int("n_buckets", self.n_buckets, 2, optional=True)
+        _check_int("ff_chunk_len", self.ff_chunk_len, 1, optional=True)
+        _check_int("loss_chunk_len", self.loss_chunk_len, 1, optional=True)
+        _check_bool("causal", self.causal)
+        _check_bool("reversible", self.reversible)
+        _check_bool("shared_qk", self.shared_qk, optional=True)
+        if self.d_head is None and self.d_model % self.n_heads:
+            raise ValueError(
+                f"ReformerConfig.d_model ({self.d_model}) must be divisible by n_heads "
+                f"({self.n_heads}), or set d_head explicitly"
+            )
+        if self.n_buckets is not None and self.n_buckets % 2:
+            raise ValueError(
+                f"ReformerConfig.n_buckets must be even (each rotation gives +/- halves); "
+                f"got {self.n_buckets}. Use an even number or None for the automatic rule"
+            )
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
+            raise TypeError(f"ReformerConfig.dropout must be a float; got {self.dropout!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"ReformerConfig.dropout must be in [0, 1); got {self.dropout}")
+        if not isinstance(self.layer_norm_eps, (int, float)) or self.layer_norm_eps <= 0:
+            raise ValueError(
+                f"ReformerConfig.layer_norm_eps must be a positive float; got {self.layer_norm_eps}"
+            )
+
+        if isinstance(self.attention, (list, tuple)):
+            self.attention = ",".join(self.attention)
+        if not isinstance(self.attention, str):
+            raise TypeError(
+                f"ReformerConfig.attention must be a kind or a comma-separated pattern of "
+                f"{ATTENTION_KINDS}; got {self.attention!r}"
+            )
+        pattern = tuple(k.strip() for k in self.attention.split(","))
+        for kind in pattern:
+            if kind not in ATTENTION_KINDS:
+                raise ValueError(
+                    f"ReformerConfig.attention has unknown kind {kind!r}; allowed: "
+                    f"{', '.join(ATTENTION_KINDS)} (or a comma-separated pattern of them)"
+                )
+        self.attention = ",".join(pattern)
+        if self.shared_qk is False and "lsh" in pattern:
+            raise ValueError(
+                "ReformerConfig.shared_qk=False is not possible with attention 'lsh': LSH "
+                "hashes one shared query-key vector. Use shared_qk=None or True"
+            )
+
+        if self.lsh_mode is None:
+            self.lsh_mode = "window" if self.causal else "chunk"
+        if self.lsh_mode not in LSH_MODES:
+            raise ValueError(
+                f"ReformerConfig.lsh_mode must be one of {LSH_MODES} or None; got {self.lsh_mode!r}"
+            )
+        if self.lsh_mode == "window" and not self.causal:
+            raise ValueError(
+                "ReformerConfig.lsh_mode='window' is the strictly causal mode and needs "
+                "causal=True; non-causal models use lsh_mode='chunk'"
+            )
+
+        if self.pos_emb not in POS_EMBS:
+            raise ValueError(
+                f"ReformerConfig.pos_emb must be one of {POS_EMBS}; got {self.pos_emb!r}"
+            )
+        self.axial_shape = _int_tuple("axial_shape", self.axial_shape)
+        self.axial_dims = _int_tuple("axial_dims", self.axial_dims)
+        if self.pos_emb == "axial":
+            shape = self.axial_shape or default_axial_shape(self.max_seq_len)
+            if math.prod(shape) < self.max_seq_len:
+                raise ValueError(
+                    f"ReformerConfig.axial_shape {shape} covers {math.prod(shape)} positions, "
+                    f"fewer than max_seq_len={self.max_seq_len}; its product must be >= it"
+                )
+            dims = self.axial_dims or (self.d_model // 2, self.d_model - self.d_model // 2)
+            if len(dims) != len(shape):
+                raise ValueError(
+                    f"ReformerConfig.axial_dims {dims} must have one width per axis of "
+                    f"axial_shape {shape}"
+                )
+            if sum(dims) != self.d_model:
+                raise ValueError(
+                    f"ReformerConfig.axial_dims {dims} must sum to d_model={self.d_model}"
+                )
+            if min(dims) < 1:
+                raise ValueError(f"ReformerConfig.axial_dims {dims} must be positive")
+
+    # Derived values -------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.d_head if self.d_head is not None else self.d_model // self.n_heads
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        """The attention kind of each layer: the pattern repeated over `n_layers`."""
+        pattern = self.attention.split(",")
+        return tuple(pattern[i % len(pattern)] for i in range(self.n_layers))
+
+    def shared_qk_for(self, kind: str) -> bool:
+        if self.shared_qk is not None:
+            return self.shared_qk or kind == "lsh"
+        return kind in ("lsh", "full")
+
+    @property
+    def resolved_axial_shape(self) -> tuple[int, ...]:
+        return self.axial_shape or default_axial_shape(self.max_seq_len)
+
+    @property
+    def resolved_axial_dims(self) -> tuple[int, ...]:
+        return self.axial_dims or (self.d_model // 2, self.d_model - self.d_model // 2)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("axial_shape", "axial_dims"):
+            if out[key] is not None:
+                out[key] = list(out[key])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ReformerConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown ReformerConfig field(s) {unknown}; known fields: {sorted(known)}"
+            )
+        return cls(**data)

@@ -1,0 +1,281 @@
+"""ReformerLM: embeddings -> reversible (or ordinary residual) blocks -> norm -> logits.
+
+Legend: B batch, L length, d d_model, V vocab size, W width of the final hidden state
+(2 d for the reversible stack: the concatenation [Y1; Y2], as in the authors' code).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import Attention
+from .attention.common import upcast
+from .config import ReformerConfig
+from .embeddings import AbsolutePositionalEmbedding, AxialPositionalEmbedding
+from .feedforward import FeedForward, apply_chunked, chunk_slices, chunked_cross_entropy
+from .reversible import reversible_forward
+
+
+def make_generator(seed: int, device: torch.device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def dropout_mask(
+    shape: torch.Size, p: float, generator: torch.Generator, device: torch.device, dtype
+) -> Tensor:
+    """Inverted-dropout multiplier drawn from an explicit generator (replayable)."""
+    keep = torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=generator)
+    return keep / (1.0 - p)
+
+
+class ReformerBlock(nn.Module):
+    """One layer: F = attention, G = chunked feed-forward, each pre-normalised."""
+
+    def __init__(self, config: ReformerConfig, kind: str) -> None:
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.attn = Attention(config, kind)
+        self.ff_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.ff = FeedForward(config.d_model, config.d_ff)
+        self.dropout = config.dropout
+        self.ff_chunk_len = config.ff_chunk_len
+
+    def attn_params(self) -> list[nn.Parameter]:
+        return list(self.attn_norm.parameters()) + list(self.attn.parameters())
+
+    def ff_params(self) -> list[nn.Parameter]:
+        return list(self.ff_norm.parameters()) + list(self.ff.parameters())
+
+    def _mask(self, x: Tensor, gen: torch.Generator) -> Tensor | None:
+        if not (self.training and self.dropout > 0):
+            return None
+        return dropout_mask(x.shape, self.dropout, gen, x.device, x.dtype)
+
+    def attn_branch(self, x: Tensor, attention_mask: Tensor | None, seed: int) -> Tensor:
+        """F(x) = dropout(attention(norm(x))): (B, L, d) -> (B, L, d). Random draws (hash
+        rotations first, then the dropout mask) come from a generator seeded with `seed`."""
+        gen = make_generator(seed, x.device)
+        out = self.attn(self.attn_norm(x), attention_mask, gen)
+        mask = self._mask(out, gen)
+        return out if mask is None else out * mask
+
+    def _ff(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        out = self.ff(self.ff_norm(x))
+        return out if mask is None else out * mask
+
+    def ff_branch(self, x: Tensor, seed: int) -> Tensor:
+        """G(x) = dropout(ff(norm(x))), a chunk of positions at a time: (B, L, d) -> (B, L, d)."""
+        mask = self._mask(x, make_generator(seed, x.device))
+        return apply_chunked(self._ff, x, mask, chunk_len=self.ff_chunk_len)
+
+    def ff_branch_vjp(
+        self, x: Tensor, grad: Tensor, seed: int
+    ) -> tuple[Tensor, Tensor, list[Tensor | None]]:
+        """G(x), x's gradient and the parameters' gradients for upstream `grad`, a chunk of
+        positions at a time (only one chunk's d_ff intermediate alive at once)."""
+        mask = self._mask(x, make_generator(seed, x.device))
+        params = [p for p in self.ff_params() if p.requires_grad]
+        out, x_grad = torch.empty_like(x), torch.empty_like(x)
+        param_grads: list[Tensor | None] = [None] * len(params)
+        for sl in chunk_slices(x.shape[1], self.ff_chunk_len):
+            with torch.enable_grad():
+                xc = x[:, sl].detach().requires_grad_(True)
+                gc = self._ff(xc, None if mask is None else mask[:, sl])
+                dxc, *dps = torch.autograd.grad(gc, [xc, *params], grad[:, sl], allow_unused=True)
+            out[:, sl] = gc.detach()
+            x_grad[:, sl] = dxc
+            param_grads = [
+                a if b is None else (b if a is None else a + b) for a, b in zip(param_grads, dps)
+            ]
+        return out, x_grad, param_grads
+
+
+class ReformerLM(nn.Module):
+    """A Reformer language model: `model(input_ids) -> logits` (DESIGN.md section 4).
+
+    input_ids: LongTensor (B, L), any L <= max_seq_len. attention_mask: optional (B, L),
+    True/1 at real tokens, False/0 at padding (padded positions never change real outputs).
+    """
+
+    def __init__(self, config: ReformerConfig) -> None:
+        super().__init__()
+        if not isinstance(config, ReformerConfig):
+            raise TypeError(f"ReformerLM needs a ReformerConfig; got {type(config).__name__}")
+        self.config = config
+        d = config.d_model
+        self.token_emb = nn.Embedding(config.vocab_size, d)
+        if config.pos_emb == "axial":
+            self.pos_emb = AxialPositionalEmbedding(
+                config.resolved_axial_shape, config.resolved_axial_dims
+            )
+        elif config.pos_emb == "absolute":
+            self.pos_emb = AbsolutePositionalEmbedding(config.max_seq_len, d)
+        else:
+            self.pos_emb = None
+        self.blocks = nn.ModuleList(ReformerBlock(config, kind) for kind in config.layer_kinds)
+        width = 2 * d if config.reversible else d
+        self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.head = nn.Linear(width, config.vocab_size)
+        # Debug/test switch: False runs the reversible stack under plain autograd.
+        self.custom_backward = True
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        if self.pos_emb is not None:
+            for p in self.pos_emb.parameters():
+                nn.init.normal_(p, std=0.02)
+
+    # ---------------------------------------------------------------------------------------
+    def set_n_hashes(self, n_hashes: int) -> None:
+        """Change the number of LSH hash rounds (e.g. for evaluation); weights are untouched."""
+        if isinstance(n_hashes, bool) or not isinstance(n_hashes, int) or n_hashes < 1:
+            raise ValueError(f"n_hashes must be a positive int; got {n_hashes!r}")
+        self.config.n_hashes = n_hashes
+        for block in self.blocks:
+            block.attn.n_hashes = n_hashes
+
+    def _check_ids(self, input_ids: Tensor, name: str = "input_ids") -> None:
+        if not isinstance(input_ids, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of token ids; got {type(input_ids)}")
+        if (
+            input_ids.dtype.is_floating_point
+            or input_ids.dtype.is_complex
+            or (input_ids.dtype == torch.bool)
+        ):
+            raise TypeError(
+                f"{name} must be an integer tensor (torch.long) of token ids; got {input_ids.dtype}"
+            )
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"{name} must have shape (batch, length); got {tuple(input_ids.shape)}"
+            )
+        L = input_ids.shape[1]
+        if L == 0 or self.config.max_seq_len < L:
+            raise ValueError(
+                f"{name} length {L} is outside 1..max_seq_len={self.config.max_seq_len}; "
+                "shorten the input or build the model with a larger max_seq_len"
+            )
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(
+                f"{name} holds ids in [{lo}, {hi}], outside [0, vocab_size="
+                f"{self.config.vocab_size}); check the tokenizer or the config's vocab_size"
+            )
+
+    def _check_mask(self, attention_mask: Tensor | None, input_ids: Tensor) -> None:
+        if attention_mask is None:
+            return
+        if not isinstance(attention_mask, Tensor) or attention_mask.dtype.is_floating_point:
+            raise TypeError(
+                "attention_mask must be a bool or integer tensor (True/1 = real token); got "
+                f"{getattr(attention_mask, 'dtype', type(attention_mask))}"
+            )
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape "
+                f"{tuple(input_ids.shape)}"
+            )
+
+    def layer_seeds(self) -> list[tuple[int, int]]:
+        """Per-call seeds of each block's F and G, drawn from torch's global RNG (so
+        `torch.manual_seed(s)` before a call makes the call reproducible)."""
+        draws = torch.randint(0, 2**62, (len(self.blocks), 2))
+        return [(int(a), int(b)) for a, b in draws.tolist()]
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Final hidden states before the output norm: (B, L) -> (B, L, W)."""
+        self._check_ids(input_ids)
+        self._check_mask(attention_mask, input_ids)
+        seeds = self.layer_seeds()
+        emb_seed = int(torch.randint(0, 2**62, ()))
+        L = input_ids.shape[1]
+        x = self.token_emb(input_ids)  # (B, L, d)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(L).to(x.dtype)
+        if self.training and self.config.dropout > 0:
+            gen = make_generator(emb_seed, x.device)
+            x = x * dropout_mask(x.shape, self.config.dropout, gen, x.device, x.dtype)
+        if self.config.reversible:
+            y1, y2 = reversible_forward(
+                self.blocks, x, x, attention_mask, seeds, custom_backward=self.custom_backward
+            )
+            return torch.cat([y1, y2], dim=-1)  # (B, L, 2d)
+        for block, (seed_f, seed_g) in zip(self.blocks, seeds):
+            x = x + block.attn_branch(x, attention_mask, seed_f)
+            x = x + block.ff_branch(x, seed_g)
+        return x
+
+    def logits_from_hidden(self, hidden: Tensor) -> Tensor:
+        """(B, l, W) -> (B, l, V)."""
+        return self.head(self.norm(hidden))
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """(B, L) token ids -> (B, L, V) logits."""
+        return self.logits_from_hidden(self.hidden_states(input_ids, attention_mask))
+
+    def loss(
+        self,
+        input_ids: Tensor,
+        targets: Tensor,
+        attention_mask: Tensor | None = None,
+        ignore_index: int = -100,
+    ) -> Tensor:
+        """Mean cross-entropy (nats) over targets != ignore_index, computed in chunks of
+        `loss_chunk_len` positions: the (B, L, V) logits never exist at once.
+
+        targets: (B, L) next-token ids aligned with input_ids (targets[:, t] is the token
+        predicted from input_ids[:, :t + 1]).
+        """
+        self._check_targets(targets, input_ids, ignore_index)
+        hidden = self.hidden_states(input_ids, attention_mask)
+        total, count = chunked_cross_entropy(
+            hidden,
+            targets,
+            self.logits_from_hidden,
+            chunk_len=self.config.loss_chunk_len,
+            ignore_index=ignore_index,
+        )
+        if int(count) == 0:
+            raise ValueError("targets has no scored position (all equal ignore_index)")
+        return total / count
+
+    def _check_targets(self, targets: Tensor, input_ids: Tensor, ignore_index: int) -> None:
+        if not isinstance(targets, Tensor) or targets.dtype.is_floating_point:
+            raise TypeError(
+                "targets must be an integer tensor of token ids; got "
+                f"{getattr(targets, 'dtype', type(targets))}"
+            )
+        if targets.shape != input_ids.shape:
+            raise ValueError(
+                f"targets shape {tuple(targets.shape)} must equal input_ids shape "
+                f"{tuple(input_ids.shape)}"
+            )
+        scored = targets[targets != ignore_index]
+        if scored.numel() and (
+            int(scored.min()) < 0 or int(scored.max()) >= self.config.vocab_size
+        ):
+            raise ValueError(
+                f"targets holds ids outside [0, vocab_size={self.config.vocab_size}) "
+                f"(other than ignore_index={ignore_index})"
+            )
+
+
+def cross_entropy_reference(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    """Unchunked mean cross-entropy: the reference for `ReformerLM.loss`."""
+    return F.cross_entropy(
+        upcast(logits.flatten(0, 1)), targets.flatten(), ignore_index=ignore_index
+    )
