@@ -45,8 +45,9 @@ def test_bad_config_field_is_named(kw, exc, field):
 
 
 def test_good_config_variants():
-    assert ReformerConfig(causal=False).lsh_mode == "chunk"
-    assert ReformerConfig().lsh_mode == "window"
+    assert ReformerConfig(causal=False).resolved_lsh_mode == "chunk"
+    assert ReformerConfig().resolved_lsh_mode == "window"
+    assert ReformerConfig().lsh_mode is None  # stays unresolved, so overriding causal works
     cfg = ReformerConfig(attention=["local", "local", "lsh", "local"], n_layers=6)
     assert cfg.layer_kinds == ("local", "local", "lsh", "local", "local", "local")
     assert ReformerConfig(attention="full", shared_qk=False).shared_qk_for("full") is False

@@ -155,9 +155,7 @@ class ReformerConfig:
                 "hashes one shared query-key vector. Use shared_qk=None or True"
             )
 
-        if self.lsh_mode is None:
-            self.lsh_mode = "window" if self.causal else "chunk"
-        if self.lsh_mode not in LSH_MODES:
+        if self.lsh_mode is not None and self.lsh_mode not in LSH_MODES:
             raise ValueError(
                 f"ReformerConfig.lsh_mode must be one of {LSH_MODES} or None; got {self.lsh_mode!r}"
             )
@@ -197,6 +195,13 @@ class ReformerConfig:
     @property
     def head_dim(self) -> int:
         return self.d_head if self.d_head is not None else self.d_model // self.n_heads
+
+    @property
+    def resolved_lsh_mode(self) -> str:
+        """lsh_mode, with None resolved: "window" for causal models, "chunk" otherwise."""
+        if self.lsh_mode is not None:
+            return self.lsh_mode
+        return "window" if self.causal else "chunk"
 
     @property
     def layer_kinds(self) -> tuple[str, ...]:

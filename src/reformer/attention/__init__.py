@@ -45,7 +45,7 @@ class Attention(nn.Module):
         self.chunk_len = config.chunk_len
         self.n_hashes = config.n_hashes
         self.n_buckets = config.n_buckets
-        self.lsh_mode = config.lsh_mode
+        self.lsh_mode = config.resolved_lsh_mode
         self.shared_qk = config.shared_qk_for(kind)
         inner = self.n_heads * self.head_dim
         if self.shared_qk:

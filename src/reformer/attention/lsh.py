@@ -208,27 +208,27 @@ def _rounds_containing(
 
     undo: (B, H, S) sorted slot of (r * Lp + position); buckets: (B, H, R, Lp);
     q_pos: (B, H, RN, C, 1), k_pos: (B, H, RN, 1, 2C). Returns int (B, H, RN, C, 2C).
+
+    Per round r each position x gets an int32 key e_r(x) such that j is in S_r(i) exactly
+    when 0 <= e_r(i) - e_r(j) <= T:
+      chunk:  e = chunk index of x in round r's sorted order, T = 1;
+      window: e = bucket * (Lp + C + 1) + sorted slot, T = C (slots of one bucket are
+              consecutive, and the spacing keeps different buckets more than C apart).
     """
     B, H = undo.shape[:2]
     RN, Cq = q_pos.shape[2], q_pos.shape[3]
     q_idx = q_pos.reshape(B, H, RN * Cq)
     k_idx = k_pos.reshape(B, H, RN * 2 * Cq)
-    count = torch.zeros(
-        B, H, RN, Cq, 2 * Cq, dtype=torch.int32, device=undo.device
-    )  # (B, H, RN, C, 2C)
+    slots = undo.view(B, H, R, Lp) - (torch.arange(R, device=undo.device) * Lp)[:, None]
+    if mode == "chunk":
+        keys, T = slots.div(C, rounding_mode="floor"), 1
+    else:
+        keys, T = buckets * (Lp + C + 1) + slots, C
+    keys = keys.to(torch.int32)  # (B, H, R, Lp)
+    count = torch.zeros(B, H, RN, Cq, 2 * Cq, dtype=torch.int32, device=undo.device)
     for r in range(R):
-        slot_r = undo[:, :, r * Lp : (r + 1) * Lp] - r * Lp  # (B, H, Lp) rank in round r
-        q_slot = slot_r.gather(2, q_idx).view(B, H, RN, Cq, 1)
-        k_slot = slot_r.gather(2, k_idx).view(B, H, RN, 1, 2 * Cq)
-        if mode == "chunk":
-            diff = q_slot.div(C, rounding_mode="floor") - k_slot.div(C, rounding_mode="floor")
-            hit = (diff == 0) | (diff == 1)
-        else:
-            b_r = buckets[:, :, r]  # (B, H, Lp)
-            same = b_r.gather(2, q_idx).view(B, H, RN, Cq, 1) == b_r.gather(2, k_idx).view(
-                B, H, RN, 1, 2 * Cq
-            )
-            back = q_slot - k_slot
-            hit = same & (back >= 0) & (back <= C)
-        count += hit
+        e_q = keys[:, :, r].gather(2, q_idx).view(B, H, RN, Cq, 1)
+        e_k = keys[:, :, r].gather(2, k_idx).view(B, H, RN, 1, 2 * Cq)
+        diff = e_q - e_k  # (B, H, RN, C, 2C)
+        count += (diff >= 0) & (diff <= T)
     return count

@@ -1,0 +1,169 @@
+"""Activation memory against depth: one training step at L = 16,384 for 2 and 12 layers.
+
+The reversible stack stores no per-layer activations, so the deeper model's peak RSS should
+exceed the shallower one's by no more than its extra parameters and their gradients.
+
+    python -m bench.memory_depth [--length 16384] [--layers 2 12] [--reversible both]
+
+Each configuration runs in a fresh process; peak RSS is ru_maxrss minus the RSS measured
+in that process just before building the model. Workers run with glibc's mmap threshold
+fixed at 1 MiB (bench/_harness.py says why); `--glibc-default` measures without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from bench._harness import (
+    RESULTS,
+    command_line,
+    environment,
+    peak_rss_mib,
+    run_fresh,
+    save_png,
+    write_json,
+)
+
+
+def worker(args: dict) -> dict:
+    from reformer import ReformerConfig, ReformerLM
+
+    torch.set_num_threads(args["threads"])
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (1, args["length"]))
+    base = peak_rss_mib()
+    cfg = ReformerConfig(
+        vocab_size=256,
+        d_model=256,
+        n_heads=4,
+        d_ff=1024,
+        n_layers=args["layers"],
+        max_seq_len=args["length"],
+        attention="lsh",
+        n_hashes=args["n_hashes"],
+        chunk_len=64,
+        reversible=args["reversible"],
+    )
+    model = ReformerLM(cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)  # stateless: memory is params + grads
+    t0 = time.perf_counter()
+    loss = model.loss(ids[:, :-1], ids[:, 1:])
+    loss.backward()
+    opt.step()
+    seconds = time.perf_counter() - t0
+    return {
+        "layers": args["layers"],
+        "reversible": args["reversible"],
+        "params": n_params,
+        "param_mib": n_params * 4 / 2**20,
+        "peak_rss_mib": peak_rss_mib() - base,
+        "step_seconds": seconds,
+        "loss": float(loss.detach()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--length", type=int, default=16384)
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 12])
+    parser.add_argument("--n-hashes", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reversible", choices=["yes", "no", "both"], default="yes")
+    parser.add_argument(
+        "--glibc-default",
+        action="store_true",
+        help="keep glibc's dynamic mmap threshold (RSS then includes heap "
+        "fragmentation that grows with the number of layers)",
+    )
+    parser.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
+    ns = parser.parse_args()
+    if ns.worker:
+        print(json.dumps(worker(json.loads(ns.worker))))
+        return
+    print("reproduce with:", command_line(), flush=True)
+    revs = {"yes": [True], "no": [False], "both": [True, False]}[ns.reversible]
+    rows = []
+    for reversible in revs:
+        for layers in ns.layers:
+            row = run_fresh(
+                "bench.memory_depth",
+                dict(
+                    length=ns.length,
+                    layers=layers,
+                    n_hashes=ns.n_hashes,
+                    threads=ns.threads,
+                    reversible=reversible,
+                ),
+                env={"MALLOC_MMAP_THRESHOLD_": None} if ns.glibc_default else None,
+            )
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    summary = {}
+    for reversible in revs:
+        sel = sorted(
+            (r for r in rows if r.get("reversible") == reversible and "error" not in r),
+            key=lambda r: r["layers"],
+        )
+        if len(sel) >= 2:
+            lo, hi = sel[0], sel[-1]
+            extra = 2 * (hi["param_mib"] - lo["param_mib"])  # parameters + gradients
+            growth = hi["peak_rss_mib"] - lo["peak_rss_mib"]
+            key = "reversible" if reversible else "ordinary"
+            summary[key] = {
+                "layers": [lo["layers"], hi["layers"]],
+                "peak_rss_mib": [lo["peak_rss_mib"], hi["peak_rss_mib"]],
+                "growth_mib": growth,
+                "extra_params_and_grads_mib": extra,
+                "within_budget": growth <= extra,
+            }
+            print(
+                f"{key}: {lo['layers']} layers {lo['peak_rss_mib']:.0f} MiB, {hi['layers']} "
+                f"layers {hi['peak_rss_mib']:.0f} MiB: growth {growth:.0f} MiB vs extra "
+                f"params+grads {extra:.0f} MiB -> {'OK' if growth <= extra else 'EXCEEDS'}"
+            )
+    out = {
+        "command": command_line(),
+        "environment": environment()
+        | {
+            "threads": ns.threads,
+            "glibc_mmap_threshold": "dynamic" if ns.glibc_default else "1 MiB",
+        },
+        "length": ns.length,
+        "rows": rows,
+        "summary": summary,
+    }
+    write_json(RESULTS / "memory_depth.json", out)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for reversible in revs:
+        sel = sorted(
+            (r for r in rows if r.get("reversible") == reversible and "error" not in r),
+            key=lambda r: r["layers"],
+        )
+        ax.plot(
+            [r["layers"] for r in sel],
+            [r["peak_rss_mib"] for r in sel],
+            "o-",
+            label="reversible" if reversible else "ordinary residual",
+        )
+    ax.set_xlabel("layers")
+    ax.set_ylabel("peak RSS of one training step (MiB)")
+    ax.set_title(f"LSH-{ns.n_hashes}, L = {ns.length}, d_model 256")
+    ax.legend()
+    save_png(fig, RESULTS / "memory_depth.png")
+    print("wrote", RESULTS / "memory_depth.json", "and", RESULTS / "memory_depth.png")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

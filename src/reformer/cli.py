@@ -1,0 +1,251 @@
+"""`reformer train | eval | plot`: the command-line tool.
+
+Each verb's flags are generated from its typed dataclass by tyro (`reformer VERB --help`);
+there is no second list of options to keep in sync.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import tyro
+
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, read_checkpoint_config
+from .train import (
+    PRESETS,
+    TrainConfig,
+    TrainingDiverged,
+    _merge,
+    config_from_dict,
+    format_table,
+    hash_table,
+    load_config_file,
+    preset_dict,
+    resolve_device,
+    train,
+)
+
+USAGE = """usage: reformer {train,eval,plot} ...
+
+Train and run Reformer models (LSH attention, reversible layers, chunked feed-forward).
+
+verbs:
+  train     train a model from a preset, a config file and flags; resumable
+  eval      evaluate a checkpoint, optionally over several numbers of hash rounds
+  plot      draw a run's learning curves (PNG)
+
+`reformer VERB --help` lists a verb's options. Examples:
+  reformer train --preset duplication-small --out runs/dup
+  reformer eval --checkpoint runs/dup --n-hashes 1 2 4 8
+  reformer plot runs/dup
+"""
+
+
+# --- train -------------------------------------------------------------------------------------
+def cmd_train(argv: list[str]) -> int:
+    if "--list-presets" in argv:
+        for name, p in PRESETS.items():
+            m = p.get("model", {})
+            print(
+                f"{name:18} task={p.get('task')} seq_len={p.get('seq_len')} "
+                f"layers={m.get('n_layers')} d_model={m.get('d_model')} "
+                f"attention={m.get('attention')}"
+            )
+        return 0
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset")
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    layers: dict = {}
+    if known.preset:
+        layers = _merge(layers, preset_dict(known.preset))
+    if known.config:
+        layers = _merge(layers, load_config_file(known.config) | {"config": known.config})
+    default = config_from_dict(layers, where=known.config or "preset")
+    cfg = tyro.cli(
+        TrainConfig,
+        default=default,
+        args=argv,
+        prog="reformer train",
+        description="Train a Reformer. Layers: defaults < --preset < --config FILE < flags. "
+        "`--list-presets` lists the presets.",
+    )
+    final = train(cfg)
+    task_unit = "accuracy" if cfg.task == "duplication" else None
+    lsh = "lsh" in cfg.model.attention.split(",")
+    if final:
+        print("final eval: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
+    if lsh and cfg.eval_hashes:
+        from .data.tasks import build_task
+        from .model import ReformerLM
+
+        device = resolve_device(cfg.device)
+        model = ReformerLM(cfg.model).to(device)
+        load_checkpoint(Path(cfg.out), model, restore_rng=False)
+        task = build_task(cfg.task, cfg.data, cfg.seq_len, cfg.image_side)
+        rows = hash_table(
+            model,
+            task,
+            tuple(cfg.eval_hashes),
+            batch_size=cfg.eval_batch_size or cfg.batch_size,
+            max_batches=cfg.eval_batches or None,
+            device=device,
+            precision=cfg.precision,
+            seed=cfg.seed,
+        )
+        print(
+            f"\nevaluation with different numbers of hash rounds (trained with "
+            f"{cfg.model.n_hashes}){' - accuracy on the second copy' if task_unit else ''}:"
+        )
+        print(format_table(rows))
+    return 0
+
+
+# --- eval --------------------------------------------------------------------------------------
+@dataclass
+class EvalArgs:
+    """Evaluate a checkpoint on the validation or test split."""
+
+    checkpoint: str
+    """A run directory (its newest checkpoint is used) or a checkpoint directory."""
+    n_hashes: tuple[int, ...] = ()
+    """Hash-round counts to evaluate with (a table when several); default: as trained."""
+    split: Literal["val", "test"] = "val"
+    batches: int = 16
+    """Evaluation batches (0: the whole split)."""
+    batch_size: int | None = None
+    data: str | None = None
+    """Data path; default: the one the run was trained on."""
+    device: str = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 0
+    json: str | None = None
+    """Also write the results to this JSON file."""
+
+
+def cmd_eval(argv: list[str]) -> int:
+    from .data.tasks import build_task
+    from .model import ReformerLM
+
+    args = tyro.cli(EvalArgs, args=argv, prog="reformer eval")
+    path = Path(args.checkpoint)
+    ckpt = latest_checkpoint(path) if not (path / "meta.json").exists() else path
+    if ckpt is None:
+        raise CheckpointError(f"{path}: no checkpoint found (expected a run or checkpoint dir)")
+    saved = read_checkpoint_config(ckpt)
+    try:
+        cfg = config_from_dict(saved, where=f"{ckpt}/config.json")
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt}: its saved config is not a reformer run config ({e})") from e
+    device = resolve_device(args.device)
+    model = ReformerLM(cfg.model).to(device)
+    loaded = load_checkpoint(ckpt, model, restore_rng=False)
+    task = build_task(cfg.task, args.data or cfg.data, cfg.seq_len, cfg.image_side)
+    counts = tuple(args.n_hashes) or (cfg.model.n_hashes,)
+    rows = hash_table(
+        model,
+        task,
+        counts,
+        split=args.split,
+        batch_size=args.batch_size or cfg.eval_batch_size or cfg.batch_size,
+        max_batches=args.batches or None,
+        device=device,
+        precision=args.precision,
+        seed=args.seed,
+    )
+    print(
+        f"{ckpt} (step {loaded.step}), {cfg.task} {args.split} split, trained with "
+        f"{cfg.model.n_hashes} hash rounds"
+    )
+    print(format_table(rows))
+    if args.json:
+        from .train import atomic_write_text
+
+        result = {"checkpoint": str(ckpt), "step": loaded.step, "split": args.split, "rows": rows}
+        atomic_write_text(Path(args.json), json.dumps(result, indent=2))
+    return 0
+
+
+# --- plot --------------------------------------------------------------------------------------
+@dataclass
+class PlotArgs:
+    """Draw a run's learning curves from DIR/metrics.jsonl."""
+
+    run: Annotated[str, tyro.conf.Positional]
+    """The run directory."""
+    out: str | None = None
+    """Output PNG; default: DIR/plots/curves.png."""
+
+
+def cmd_plot(argv: list[str]) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .train import MetricsLog
+
+    args = tyro.cli(PlotArgs, args=argv, prog="reformer plot")
+    run = Path(args.run)
+    records = MetricsLog(run / "metrics.jsonl").read()
+    if not records:
+        raise ValueError(f"{run}/metrics.jsonl is missing or empty: nothing to plot")
+    train_rec = [r for r in records if "loss" in r]
+    eval_rec = [r for r in records if any(k.startswith("eval_") for k in r)]
+    eval_keys = [k for k in (eval_rec[0] if eval_rec else {}) if k.startswith("eval_")]
+    extra = [k for k in eval_keys if k not in ("eval_loss",)]
+    fig, axes = plt.subplots(1, 1 + len(extra), figsize=(5 * (1 + len(extra)), 3.6))
+    axes = list(axes) if len(extra) else [axes]
+    ax = axes[0]
+    ax.plot([r["step"] for r in train_rec], [r["loss"] for r in train_rec], label="train")
+    if eval_rec:
+        ax.plot(
+            [r["step"] for r in eval_rec], [r["eval_loss"] for r in eval_rec], "o-", label="eval"
+        )
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats)")
+    ax.legend()
+    for ax, key in zip(axes[1:], extra):
+        ax.plot([r["step"] for r in eval_rec], [r[key] for r in eval_rec], "o-")
+        ax.set_xlabel("step")
+        ax.set_ylabel(key.removeprefix("eval_"))
+    fig.suptitle(str(run))
+    out = Path(args.out) if args.out else run / "plots" / "curves.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    tmp.replace(out)
+    print(f"wrote {out}")
+    return 0
+
+
+VERBS = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"reformer: unknown verb {verb!r}; choose from {', '.join(VERBS)}\n", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
+        return 2
+    try:
+        return VERBS[verb](rest)
+    except TrainingDiverged as e:
+        print(f"reformer {verb}: {e}", file=sys.stderr)
+        return 3
+    except (ValueError, TypeError, FileNotFoundError, CheckpointError) as e:
+        print(f"reformer {verb}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Tasks: one interface over the data sources the trainer and evaluator use.
+
+A task yields (input_ids (B, L), targets (B, L)) batches, with -100 where a position is not
+scored, and says how to report its loss (bits per character, bits per dim, or accuracy).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .bytes import ByteCorpus, load_enwik8, load_text
+from .duplication import DuplicationTask
+from .images import ImageDataset
+
+TASKS = ("duplication", "enwik8", "text", "images")
+Batch = tuple[Tensor, Tensor]
+
+
+@dataclass
+class Task:
+    """A data source with the metric it is reported in."""
+
+    name: str
+    vocab_size: int
+    seq_len: int
+    unit: str  # "bpc" | "bpd" | "accuracy"
+    source: DuplicationTask | ByteCorpus | ImageDataset
+
+    def train_batch(
+        self, step: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> Batch:
+        src = self.source
+        if isinstance(src, DuplicationTask):
+            return src.batch(step, batch_size, seed, "train", rank, world_size)
+        if isinstance(src, ByteCorpus):
+            return src.train_batch(step, batch_size, self.seq_len, seed, rank, world_size)
+        return src.train_batch(step, batch_size, seed, rank, world_size)
+
+    def eval_batches(
+        self, split: str, batch_size: int, max_batches: int | None, seed: int = 0
+    ) -> Iterator[Batch]:
+        src = self.source
+        if isinstance(src, DuplicationTask):
+            for i in range(max_batches if max_batches is not None else 8):
+                yield src.batch(i, batch_size, seed, split)
+        elif isinstance(src, ByteCorpus):
+            yield from src.eval_batches(split, self.seq_len, batch_size, max_batches)
+        else:
+            yield from src.eval_batches(split, batch_size, max_batches)
+
+    def bits(self, loss_nats: float) -> float:
+        return loss_nats / math.log(2)
+
+
+def build_task(name: str, path: str | None, seq_len: int, image_side: int = 64) -> Task:
+    """Build a task; `path` is the data file or directory for the real-data tasks."""
+    if name not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}; got {name!r}")
+    if name == "duplication":
+        return Task(name, 128, seq_len, "accuracy", DuplicationTask(seq_len, 128))
+    if path is None:
+        hint = {
+            "enwik8": "the enwik8 file (raw or .zip), e.g. ../shared/data/enwik8/enwik8-prefix-4M",
+            "text": "any local text file",
+            "images": "a directory with *train*.npz and *val*.npz (downsampled-ImageNet layout)",
+        }[name]
+        raise ValueError(f"task {name!r} needs --data PATH: {hint}")
+    if name == "enwik8":
+        return Task(name, 256, seq_len, "bpc", load_enwik8(path))
+    if name == "text":
+        return Task(name, 256, seq_len, "bpc", load_text(path))
+    p = Path(path)
+    images = ImageDataset.from_directory(p, side=image_side)
+    return Task(name, 256, images.seq_len, "bpd", images)
+
+
+@torch.no_grad()
+def accuracy_counts(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> tuple[int, int]:
+    """(correct, scored) argmax predictions over positions whose target is scored."""
+    scored = targets != ignore_index
+    correct = (logits.argmax(-1) == targets) & scored
+    return int(correct.sum()), int(scored.sum())
