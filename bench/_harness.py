@@ -38,8 +38,8 @@ def environment() -> dict[str, Any]:
 # glibc raises its mmap threshold dynamically (up to 32 MiB) as large blocks are freed, after
 # which freed tensors stay in the heap and fragment it: peak RSS then grows with the number of
 # allocations (e.g. with depth) although live memory does not. A fixed threshold returns every
-# block >= 1 MiB to the OS when freed, so RSS tracks live tensors. Workers run with it.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+# block >= 64 KiB to the OS when freed, so RSS tracks live tensors. Workers run with it.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 16)}
 
 
 def run_fresh(

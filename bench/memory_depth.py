@@ -7,7 +7,7 @@ exceed the shallower one's by no more than its extra parameters and their gradie
 
 Each configuration runs in a fresh process; peak RSS is ru_maxrss minus the RSS measured
 in that process just before building the model. Workers run with glibc's mmap threshold
-fixed at 1 MiB (bench/_harness.py says why); `--glibc-default` measures without it.
+fixed at 64 KiB (bench/_harness.py says why); `--glibc-default` measures without it.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def main() -> None:
         "environment": environment()
         | {
             "threads": ns.threads,
-            "glibc_mmap_threshold": "dynamic" if ns.glibc_default else "1 MiB",
+            "glibc_mmap_threshold": "dynamic" if ns.glibc_default else "64 KiB",
         },
         "length": ns.length,
         "rows": rows,
