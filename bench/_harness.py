@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import platform
 import resource
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +56,16 @@ def run_fresh(
     """Run `python -m module --worker JSON` in a fresh process; it prints one JSON line."""
     cmd = [sys.executable, "-m", module, "--worker", json.dumps(args)]
     full_env = {k: v for k, v in (os.environ | MALLOC_ENV | (env or {})).items() if v is not None}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
     if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
+        if proc.stderr.strip():
+            return {"error": proc.stderr.strip().splitlines()[-1]}
+        if proc.returncode < 0:  # killed by a signal; SIGKILL is usually the OOM killer
+            return {"error": f"killed by signal {-proc.returncode} (out of memory?)"}
+        return {"error": f"failed with exit code {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -82,3 +94,146 @@ def _module_name() -> str:
     main = sys.modules["__main__"]
     spec = getattr(main, "__spec__", None)
     return spec.name if spec is not None else Path(sys.argv[0]).stem
+
+
+# --- helpers shared by attention, flat and scale -------------------------------------------
+
+
+def setup_worker(args: dict[str, Any]) -> tuple[torch.device, torch.dtype]:
+    """Fix threads and seed in a worker; returns its device and dtype."""
+    torch.set_num_threads(args["threads"])
+    torch.manual_seed(0)
+    return torch.device(args.get("device", "cpu")), getattr(torch, args.get("dtype", "float32"))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory of the work that follows construction, MiB (DESIGN.md section 7): on the
+    CPU peak RSS minus the process's RSS now; on CUDA max_memory_allocated minus allocated now.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            self.base = torch.cuda.memory_allocated(device) / 2**20
+        else:
+            self.base = peak_rss_mib()
+
+    def mib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20 - self.base
+        return peak_rss_mib() - self.base
+
+
+def time_median(
+    fn: Callable[[], object], repeats: int, device: torch.device, warmup: int = 1
+) -> tuple[float, list[float]]:
+    """Median wall time of `repeats` calls after `warmup` untimed calls; and all the times."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def available_mib() -> float:
+    """MemAvailable of this machine, MiB (inf where /proc/meminfo is missing)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return math.inf
+
+
+def extrapolate(points: list[tuple[int, float]], length: int, exponent: float) -> float | None:
+    """Predict a quantity at `length` from measured (length, value) points, ascending.
+
+    value_last * (length / length_last) ** e, where e is the log-log slope of the last two
+    points, at least `exponent` (the expected scaling) and at most 3; a lone point uses
+    `exponent`. None without points.
+    """
+    if not points:
+        return None
+    (l1, v1), (l0, v0) = points[-1], points[-2] if len(points) > 1 else points[-1]
+    slope = exponent
+    if l1 != l0 and v0 > 0 and v1 > 0:
+        slope = min(3.0, max(exponent, math.log(v1 / v0) / math.log(l1 / l0)))
+    return v1 * (length / l1) ** slope
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    """A Markdown table; columns are (header, key), values formatted by `fmt`."""
+    lines = [
+        "| " + " | ".join(h for h, _ in columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
+    lines += ["| " + " | ".join(fmt(r.get(k)) for _, k in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def add_common_args(parser: argparse.ArgumentParser, name: str) -> None:
+    """Options every benchmark has: threads, repeats, device, dtype, output name, worker."""
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs (median)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--name", default=name, help=f"output name: bench/results/NAME.json, .png ({name})"
+    )
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="wall seconds for the whole benchmark; configurations not started by then are "
+        "recorded as skipped",
+    )
+    parser.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def skip_reason(
+    mem_mib: float | None,
+    seconds: float | None,
+    max_mem_gib: float,
+    max_seconds: float,
+    device: str = "cpu",
+) -> str | None:
+    """Why a configuration predicted to use `mem_mib` and `seconds` (per call) is not run.
+    On the CPU the prediction must also leave 1 GiB of this machine's available memory."""
+    if mem_mib is not None and mem_mib > max_mem_gib * 1024:
+        return f"predicted {mem_mib / 1024:.1f} GiB > cap {max_mem_gib:g} GiB"
+    if device == "cpu" and mem_mib is not None and mem_mib > available_mib() - 1024:
+        return f"predicted {mem_mib / 1024:.1f} GiB > this machine's available memory"
+    if seconds is not None and seconds > max_seconds:
+        return f"predicted {seconds:.0f} s > cap {max_seconds:g} s"
+    return None

@@ -219,6 +219,16 @@ class ReformerLM(nn.Module):
             x = x + block.ff_branch(x, seed_g)
         return x
 
+    def decode(self, input_ids: Tensor, cache=None, total_len: int | None = None):
+        """Cached incremental decoding: `logits, cache = model.decode(ids, cache)`.
+
+        Returns the logits (B, T, V) of the new tokens and the updated cache; they equal the
+        full forward's (see `reformer.generate.decode`, which documents the contract).
+        """
+        from .generate import decode
+
+        return decode(self, input_ids, cache, total_len=total_len)
+
     def logits_from_hidden(self, hidden: Tensor) -> Tensor:
         """(B, l, W) -> (B, l, V)."""
         return self.head(self.norm(hidden))

@@ -93,8 +93,13 @@ class Attention(nn.Module):
         x: Tensor,
         attention_mask: Tensor | None = None,
         generator: torch.Generator | None = None,
+        hash_len: int | None = None,
     ) -> Tensor:
-        """(B, L, d_model) -> (B, L, d_model). attention_mask: (B, L), True at real tokens."""
+        """(B, L, d_model) -> (B, L, d_model). attention_mask: (B, L), True at real tokens.
+
+        hash_len: hash as a sequence of this length would (bucket count), instead of L; cached
+        decoding prefills a prompt this way so it hashes exactly as the full forward.
+        """
         B, L, _ = x.shape
         v = self._heads(self.v(x))  # (B, H, L, D)
         if self.shared_qk:
@@ -102,7 +107,7 @@ class Attention(nn.Module):
         else:
             q, k = self._heads(self.q(x)), self._heads(self.k(x))
         if self.kind == "lsh":
-            rotations = self.draw_rotations(L, generator, x.device, q.dtype)
+            rotations = self.draw_rotations(hash_len or L, generator, x.device, q.dtype)
             out = lsh_attention(
                 q,
                 v,
