@@ -16,6 +16,7 @@ BAD_CONFIGS = [
     (dict(d_ff=0), ValueError, "d_ff"),
     (dict(max_seq_len=0), ValueError, "max_seq_len"),
     (dict(n_hashes=0), ValueError, "n_hashes"),
+    (dict(n_hashes=65), ValueError, "n_hashes"),
     (dict(chunk_len=0), ValueError, "chunk_len"),
     (dict(ff_chunk_len=0), ValueError, "ff_chunk_len"),
     (dict(loss_chunk_len=-1), ValueError, "loss_chunk_len"),

@@ -14,6 +14,7 @@ from typing import Any
 ATTENTION_KINDS = ("lsh", "full", "local")
 LSH_MODES = ("window", "chunk")
 POS_EMBS = ("axial", "absolute", "none")
+MAX_HASHES = 64  # LSH pair codes are int8 (attention/lsh.py)
 
 
 def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
@@ -109,6 +110,10 @@ class ReformerConfig:
         _check_int("d_head", self.d_head, 1, optional=True)
         _check_int("n_hashes", self.n_hashes, 1)
         _check_int("chunk_len", self.chunk_len, 1)
+        if self.n_hashes > MAX_HASHES:
+            raise ValueError(
+                f"ReformerConfig.n_hashes must be <= {MAX_HASHES}; got {self.n_hashes}"
+            )
         _check_int("n_buckets", self.n_buckets, 2, optional=True)
         _check_int("ff_chunk_len", self.ff_chunk_len, 1, optional=True)
         _check_int("loss_chunk_len", self.loss_chunk_len, 1, optional=True)

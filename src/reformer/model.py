@@ -142,8 +142,8 @@ class ReformerLM(nn.Module):
     # ---------------------------------------------------------------------------------------
     def set_n_hashes(self, n_hashes: int) -> None:
         """Change the number of LSH hash rounds (e.g. for evaluation); weights are untouched."""
-        if isinstance(n_hashes, bool) or not isinstance(n_hashes, int) or n_hashes < 1:
-            raise ValueError(f"n_hashes must be a positive int; got {n_hashes!r}")
+        if isinstance(n_hashes, bool) or not isinstance(n_hashes, int) or not 1 <= n_hashes <= 64:
+            raise ValueError(f"n_hashes must be an int in 1..64; got {n_hashes!r}")
         self.config.n_hashes = n_hashes
         for block in self.blocks:
             block.attn.n_hashes = n_hashes

@@ -22,11 +22,11 @@ import math
 import torch
 from torch import Tensor
 
+from .chunked import chunk_attention
 from .common import (
     MASK_SCORE,
     SELF_SCORE,
     look_one_back,
-    lookback_ok,
     pad_to,
     padded_length,
     unit_keys,
@@ -153,82 +153,110 @@ def lsh_attention(
             B, H, R * N, C, x.shape[-1]
         )
 
-    q_c = gather_rows(qk)  # (B, H, RN, C, D)
-    k_c = look_one_back(gather_rows(unit_keys(qk)), dim=-2)  # (B, H, RN, 2C, D)
-    v_c = look_one_back(gather_rows(v), dim=-2)  # (B, H, RN, 2C, D)
+    M = B * H * R * N  # rows: independent (query chunk, key window) pairs
+    q_c = gather_rows(qk).view(M, C, D)
+    k_c = look_one_back(gather_rows(unit_keys(qk)), dim=-2).view(M, 2 * C, D)
+    v_c = look_one_back(gather_rows(v), dim=-2).view(M, 2 * C, D)
 
-    # 3. Candidate sets in round r, as a mask over the chunk + one-back layout.
-    q_pos = pos_s.view(B, H, R * N, C)[..., :, None]  # (B, H, RN, C, 1)
-    k_pos = look_one_back(pos_s.view(B, H, R * N, C), dim=-1)[..., None, :]  # (.., 1, 2C)
-    q_rb = rb_s.view(B, H, R * N, C)[..., :, None]
-    k_rb = look_one_back(rb_s.view(B, H, R * N, C), dim=-1)[..., None, :]
-    k_valid = (k_rb % (K + 1)) != K  # padded keys sit in bucket K
-    allowed = lookback_ok(R, N, C, device) & k_valid  # (B, H, RN, C, 2C); "chunk" mode
-    if mode == "window":
-        slot = torch.arange(S, device=device).view(R * N, C)
-        back = slot[:, :, None] - look_one_back(slot, dim=-1)[:, None, :]  # (RN, C, 2C)
-        allowed = allowed & (q_rb == k_rb) & (back >= 0) & (back <= C)
-    if causal:
-        allowed = allowed & (k_pos <= q_pos)
+    # 3-4. Each (query, key) pair of the layout gets an int8 code: 0 if j is not in S_r(i),
+    #      else N_ij (the number of rounds whose candidate set holds j), or R + 1 for j == i.
+    code = _pair_codes(pos_s, rb_s, undo, buckets, R=R, N=N, C=C, K=K, mode=mode, causal=causal)
 
-    # 4. N_ij: in how many rounds' candidate sets is j? (>= 1 wherever allowed.)
-    n_rounds = _rounds_containing(undo, buckets, q_pos, k_pos, R=R, Lp=Lp, C=C, mode=mode)
-
-    # 5. Scores, self rule, duplicate correction; softmax within the round.
-    dots = upcast(torch.matmul(q_c, k_c.transpose(-1, -2)))  # (B, H, RN, C, 2C)
-    dots = dots.masked_fill(q_pos == k_pos, SELF_SCORE)
-    dots = dots - torch.log(n_rounds.clamp_min(1).to(dots.dtype))
-    dots = dots.masked_fill(~allowed, MASK_SCORE)
-    lse = torch.logsumexp(dots, dim=-1)  # (B, H, RN, C)
-    probs = torch.exp(dots - lse[..., None]).to(v_c.dtype)
-    out_c = torch.matmul(probs, v_c)  # (B, H, RN, C, D)
+    # 5. Scores q.k + lut[code]: masked, - log N_ij (exact duplicate correction), and the
+    #    self score (added to q.k_i: exp(SELF_SCORE) underflows exactly as an override would).
+    dtype = upcast(qk[:1, :1, :1, :1]).dtype
+    counts = torch.arange(1, R + 1, device=device, dtype=dtype)
+    lut = torch.cat(
+        [
+            torch.tensor([MASK_SCORE], device=device, dtype=dtype),
+            -torch.log(counts),
+            torch.tensor([SELF_SCORE], device=device, dtype=dtype) - math.log(R),
+        ]
+    )
+    out_c, lse = chunk_attention(q_c, k_c, v_c, code, lut)  # (M, C, D), (M, C)
 
     # 6. Unsort and combine the rounds by their log-sum-exps.
-    out = out_c.view(B, H, S, D).gather(2, undo[..., None].expand(-1, -1, -1, D))
+    out = out_c.reshape(B, H, S, D).gather(2, undo[..., None].expand(-1, -1, -1, D))
     out = out.view(B, H, R, Lp, D)
-    lse = lse.view(B, H, S).gather(2, undo).view(B, H, R, Lp)
+    lse = lse.reshape(B, H, S).gather(2, undo).view(B, H, R, Lp)
     weights = torch.softmax(lse, dim=2).to(out.dtype)  # (B, H, R, Lp)
     out = (out * weights[..., None]).sum(dim=2)  # (B, H, Lp, D)
     return out[:, :, :L]
 
 
-def _rounds_containing(
+@torch.no_grad()
+def _pair_codes(
+    pos_s: Tensor,
+    rb_s: Tensor,
     undo: Tensor,
     buckets: Tensor,
-    q_pos: Tensor,
-    k_pos: Tensor,
     *,
     R: int,
-    Lp: int,
+    N: int,
     C: int,
+    K: int,
     mode: str,
+    causal: bool,
 ) -> Tensor:
-    """Count, for each (query, key) pair of the layout, the rounds whose candidate set holds
-    the key (before the round-independent causal and padding rules).
+    """int8 codes (B * H * R * N, C, 2C) of the chunk + one-back layout, slice by slice.
 
-    undo: (B, H, S) sorted slot of (r * Lp + position); buckets: (B, H, R, Lp);
-    q_pos: (B, H, RN, C, 1), k_pos: (B, H, RN, 1, 2C). Returns int (B, H, RN, C, 2C).
+    pos_s, rb_s: (B, H, S) position and round-qualified bucket of each sorted slot;
+    undo: (B, H, S) sorted slot of (r * Lp + position); buckets: (B, H, R, Lp).
 
-    Per round r each position x gets an int32 key e_r(x) such that j is in S_r(i) exactly
-    when 0 <= e_r(i) - e_r(j) <= T:
+    N_ij uses a per-round int32 key e_r(x) such that j is in S_r(i) exactly when
+    0 <= e_r(i) - e_r(j) <= T:
       chunk:  e = chunk index of x in round r's sorted order, T = 1;
       window: e = bucket * (Lp + C + 1) + sorted slot, T = C (slots of one bucket are
               consecutive, and the spacing keeps different buckets more than C apart).
     """
-    B, H = undo.shape[:2]
-    RN, Cq = q_pos.shape[2], q_pos.shape[3]
-    q_idx = q_pos.reshape(B, H, RN * Cq)
-    k_idx = k_pos.reshape(B, H, RN * 2 * Cq)
-    slots = undo.view(B, H, R, Lp) - (torch.arange(R, device=undo.device) * Lp)[:, None]
+    B, H, S = pos_s.shape
+    Lp = S // R
+    M = B * H * R * N
+    device = pos_s.device
+
+    def rows(x: Tensor) -> tuple[Tensor, Tensor]:  # (..., S) -> (rows, C), (rows, 2C)
+        x = x.reshape(-1, R * N, C)
+        return x.reshape(-1, C), look_one_back(x, dim=-1).reshape(-1, 2 * C)
+
+    q_pos, k_pos = rows(pos_s)
+    q_rb, k_rb = rows(rb_s)
+    first = (torch.arange(M, device=device) % N) == 0  # each round's first chunk
+    back_half = torch.arange(2 * C, device=device) < C
+    # sorted-slot distance from the query back to the key: C + c - w, whatever the row
+    back = C + torch.arange(C, device=device)[:, None] - torch.arange(2 * C, device=device)
+    band = (back >= 0) & (back <= C)  # (C, 2C) window: the C nearest earlier slots
+
+    slots = undo.view(B, H, R, Lp) - (torch.arange(R, device=device) * Lp)[:, None]
     if mode == "chunk":
         keys, T = slots.div(C, rounding_mode="floor"), 1
     else:
         keys, T = buckets * (Lp + C + 1) + slots, C
     keys = keys.to(torch.int32)  # (B, H, R, Lp)
-    count = torch.zeros(B, H, RN, Cq, 2 * Cq, dtype=torch.int32, device=undo.device)
-    for r in range(R):
-        e_q = keys[:, :, r].gather(2, q_idx).view(B, H, RN, Cq, 1)
-        e_k = keys[:, :, r].gather(2, k_idx).view(B, H, RN, 1, 2 * Cq)
-        diff = e_q - e_k  # (B, H, RN, C, 2C)
-        count += (diff >= 0) & (diff <= T)
-    return count
+    q_idx = pos_s.view(B, H, S)
+    e_q = torch.stack([keys[:, :, r].gather(2, q_idx) for r in range(R)])  # (R, B, H, S)
+    e_q, e_k = rows(e_q.view(R * B, H, S))  # (R*M, C), (R*M, 2C): round-major
+    e_q, e_k = e_q.view(R, M, C), e_k.view(R, M, 2 * C)
+
+    code = torch.empty(M, C, 2 * C, dtype=torch.int8, device=device)
+    for sl in _row_slices(M, C * 2 * C):
+        qp, kp = q_pos[sl, :, None], k_pos[sl, None, :]
+        kr = k_rb[sl, None, :]
+        ok = (kr % (K + 1)) != K  # padded keys sit in bucket K
+        ok = ok & ~(first[sl, None, None] & back_half)  # no wrap into another round
+        if mode == "window":
+            ok = ok & (q_rb[sl, :, None] == kr) & band
+        if causal:
+            ok = ok & (kp <= qp)
+        count = torch.zeros(ok.shape[0], C, 2 * C, dtype=torch.int8, device=device)
+        for r in range(R):
+            d = e_q[r, sl, :, None] - e_k[r, sl, None, :]
+            count += (d >= 0) & (d <= T)
+        count.masked_fill_(~ok, 0)
+        count.masked_fill_(ok & (qp == kp), R + 1)
+        code[sl] = count
+    return code
+
+
+def _row_slices(rows: int, per_row: int, entries: int = 1 << 21) -> list[slice]:
+    step = max(1, entries // per_row)
+    return [slice(a, min(a + step, rows)) for a in range(0, rows, step)]

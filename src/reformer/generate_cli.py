@@ -1,0 +1,104 @@
+"""`reformer generate`: sample text (or an image) from a trained checkpoint, with the cache."""
+
+from __future__ import annotations
+
+import codecs
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import tyro
+
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, read_checkpoint_config
+from .generate import generate
+from .model import ReformerLM
+from .train import config_from_dict, resolve_device
+
+
+@dataclass
+class GenerateArgs:
+    """Generate from a checkpoint: text for byte-level models, a PNG for image models."""
+
+    checkpoint: str
+    """A run directory (its newest checkpoint is used) or a checkpoint directory."""
+    prompt: str = ""
+    """Text prompt (byte-level models); read from stdin when '-'."""
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    """0: greedy."""
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+    image: str | None = None
+    """Image models: write the sampled image to this PNG (its first pixel value is drawn
+    uniformly; the rest are sampled)."""
+    device: str = "auto"
+
+
+def load_model(path: Path, device: torch.device):
+    """The model and training config of a run or checkpoint directory."""
+    ckpt = path if (path / "meta.json").exists() else latest_checkpoint(path)
+    if ckpt is None:
+        raise CheckpointError(f"{path}: no checkpoint found (expected a run or checkpoint dir)")
+    cfg = config_from_dict(read_checkpoint_config(ckpt), where=f"{ckpt}/config.json")
+    model = ReformerLM(cfg.model).to(device)
+    load_checkpoint(ckpt, model, restore_rng=False)
+    return model.eval(), cfg
+
+
+def cmd_generate(argv: list[str]) -> int:
+    args = tyro.cli(GenerateArgs, args=argv, prog="reformer generate")
+    device = resolve_device(args.device)
+    model, cfg = load_model(Path(args.checkpoint), device)
+    sample = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                  seed=args.seed)  # fmt: skip
+    if cfg.task == "images" or args.image:
+        if cfg.task != "images":
+            raise ValueError("--image needs a checkpoint trained on images (task 'images')")
+        from .data.images import to_image
+
+        n = 3 * cfg.image_side**2
+        g = torch.Generator().manual_seed(args.seed)
+        first = torch.randint(0, 256, (1, 1), generator=g).to(device)
+        t0 = time.perf_counter()
+        ids = generate(model, first, n - 1, total_len=n, **sample)
+        pixels = to_image(ids[0].cpu().numpy())  # (side, side, 3) uint8
+        out = Path(args.image or "sample.png")
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        plt.imsave(out, pixels)
+        print(f"wrote {out} ({cfg.image_side}x{cfg.image_side}, {n} tokens in "
+              f"{time.perf_counter() - t0:.1f} s)")
+        return 0
+    if cfg.task == "duplication":
+        raise ValueError(
+            "duplication models take integer tokens, not text: use reformer.generate.generate "
+            "from Python, or `reformer eval` for their accuracy"
+        )
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = list(text.encode("utf-8")) or [ord("\n")]
+    if len(prompt) + args.max_new_tokens > cfg.model.max_seq_len:
+        raise ValueError(
+            f"prompt ({len(prompt)} bytes) + --max-new-tokens ({args.max_new_tokens}) exceeds "
+            f"the model's max_seq_len={cfg.model.max_seq_len}"
+        )
+    ids = torch.tensor([prompt], device=device)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    sys.stdout.write(text)
+
+    def stream(tok: torch.Tensor) -> None:
+        sys.stdout.write(decoder.decode(bytes([int(tok[0])])))
+        sys.stdout.flush()
+
+    t0 = time.perf_counter()
+    generate(model, ids, args.max_new_tokens, on_token=stream, **sample)
+    sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+    dt = time.perf_counter() - t0
+    print(f"[{args.max_new_tokens} tokens in {dt:.1f} s, {args.max_new_tokens / dt:.1f} tokens/s]",
+          file=sys.stderr)
+    return 0
