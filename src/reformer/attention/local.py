@@ -11,6 +11,7 @@ import math
 import torch
 from torch import Tensor
 
+from .chunked import chunk_attention
 from .common import (
     MASK_SCORE,
     SELF_SCORE,
@@ -66,10 +67,15 @@ def local_attention(
     k_valid = look_one_back(valid, dim=-1)[:, None, :, None, :]  # (B, 1, N, 1, 2C)
     allowed = allowed & k_valid  # (B, 1, N, C, 2C)
 
-    dots = upcast(torch.matmul(q_c, k_c.transpose(-1, -2)))  # (B, H, N, C, 2C)
+    # int8 codes for the shared core: 0 masked, 1 candidate, 2 the token itself (shared QK)
+    code = allowed.expand(B, H, N, C, 2 * C).to(torch.int8)
     if shared:
-        dots = dots.masked_fill(q_pos == k_pos, SELF_SCORE)
-    dots = dots.masked_fill(~allowed, MASK_SCORE)
-    probs = torch.softmax(dots, dim=-1).to(v_c.dtype)
-    out = torch.matmul(probs, v_c)  # (B, H, N, C, D)
+        code = code + (allowed & (q_pos == k_pos)).to(torch.int8)
+    dtype = upcast(q[:1, :1, :1, :1]).dtype
+    lut = torch.tensor([MASK_SCORE, 0.0, SELF_SCORE], dtype=dtype, device=q.device)
+    M = B * H * N
+    out, _ = chunk_attention(
+        q_c.reshape(M, C, D), k_c.reshape(M, 2 * C, D), v_c.reshape(M, 2 * C, D),
+        code.reshape(M, C, 2 * C), lut,
+    )  # fmt: skip
     return out.view(B, H, Lp, D)[:, :, :L]
