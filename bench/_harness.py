@@ -231,9 +231,45 @@ def skip_reason(
     """Why a configuration predicted to use `mem_mib` and `seconds` (per call) is not run.
     On the CPU the prediction must also leave 1 GiB of this machine's available memory."""
     if mem_mib is not None and mem_mib > max_mem_gib * 1024:
-        return f"predicted {mem_mib / 1024:.1f} GiB > cap {max_mem_gib:g} GiB"
+        return f"predicted {mem_mib / 1024:.3g} GiB > cap {max_mem_gib:g} GiB"
     if device == "cpu" and mem_mib is not None and mem_mib > available_mib() - 1024:
-        return f"predicted {mem_mib / 1024:.1f} GiB > this machine's available memory"
+        return f"predicted {mem_mib / 1024:.3g} GiB > this machine's available memory"
     if seconds is not None and seconds > max_seconds:
         return f"predicted {seconds:.0f} s > cap {max_seconds:g} s"
     return None
+
+
+def run_measured(
+    module: str, args: dict[str, Any], timeout: float, device: str = "cpu"
+) -> dict[str, Any]:
+    """Measure one configuration in fresh processes; the worker gets args["measure"].
+
+    On the CPU two processes: "memory" with the fixed mmap threshold (MALLOC_ENV: peak RSS
+    tracks live tensors) and "time" with glibc's default (the fixed threshold returns every
+    freed block to the OS, and the page faults that follow slow some kernels down 2x). On
+    CUDA one process measures "both" (max_memory_allocated does not depend on malloc).
+    """
+    if device != "cpu":
+        return run_fresh(module, args | {"measure": "both"}, timeout=timeout)
+    row = run_fresh(module, args | {"measure": "memory"}, timeout=timeout)
+    if "error" in row:
+        return row
+    default_malloc = {"MALLOC_MMAP_THRESHOLD_": None}
+    return row | run_fresh(module, args | {"measure": "time"}, timeout=timeout, env=default_malloc)
+
+
+def measure(step: Callable[[], object], args: dict[str, Any], device: torch.device) -> dict:
+    """In a worker: peak memory of one `step` ("memory"), the median time of args["repeats"]
+    steps after args.get("warmup", 1) untimed ones ("time"), or both, the memory step then
+    serving as the warm-up."""
+    what = args.get("measure", "both")
+    out: dict[str, Any] = {}
+    meter = PeakMemory(device)
+    if what in ("memory", "both"):
+        step()
+        sync(device)
+        out["peak_mib"] = meter.mib()
+    if what in ("time", "both"):
+        warmup = 0 if what == "both" else args.get("warmup", 1)
+        out["seconds"], out["times"] = time_median(step, args["repeats"], device, warmup)
+    return out

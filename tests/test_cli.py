@@ -31,7 +31,7 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 def test_help_of_tool_and_each_verb(capsys):
     assert main(["--help"]) == 0
     assert "train" in capsys.readouterr().out
-    for verb in ("train", "eval", "plot"):
+    for verb in ("train", "eval", "plot", "generate"):
         with pytest.raises(SystemExit) as e:
             main([verb, "--help"])
         assert e.value.code == 0
@@ -209,3 +209,32 @@ def test_metrics_schema_and_eval_table(tmp_path, capsys):
     rows = json.loads(table.read_text())["rows"]
     assert [r["n_hashes"] for r in rows] == [1, 8]
     assert torch.tensor([r["accuracy"] for r in rows]).le(1).all()
+
+
+def test_generate_text_and_image(tmp_path, capsys):
+    files = _data_files(tmp_path)
+    run = tmp_path / "t"
+    assert main(["train", "--preset", "text", "--data", files["text"], "--steps", "2",
+                 "--seq-len", "32", "--model.max-seq-len", "64", "--model.n-layers", "2",
+                 "--batch-size", "2", "--eval-every", "0", "--eval-hashes", "1",
+                 "--out", str(run), *TINY]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "The quick",
+                 "--max-new-tokens", "20", "--seed", "1"]) == 0  # fmt: skip
+    first = capsys.readouterr().out
+    assert first.startswith("The quick") and len(first.encode()) >= len("The quick")
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "The quick",
+                 "--max-new-tokens", "20", "--seed", "1"]) == 0  # fmt: skip
+    assert capsys.readouterr().out == first  # seeded: reproducible
+    assert main(["generate", "--checkpoint", str(run), "--max-new-tokens", "70"]) == 2
+    assert "max_seq_len" in capsys.readouterr().err
+    img = tmp_path / "i"
+    assert main(["train", "--preset", "imagenet64-small", "--data", files["images"],
+                 "--image-side", "4", "--steps", "1", "--model.max-seq-len", "64",
+                 "--model.n-layers", "2", "--batch-size", "2", "--eval-every", "0",
+                 "--eval-hashes", "1", "--out", str(img), *TINY]) == 0  # fmt: skip
+    png = tmp_path / "s.png"
+    assert main(["generate", "--checkpoint", str(img), "--image", str(png)]) == 0
+    import matplotlib.image
+
+    assert matplotlib.image.imread(png).shape[:2] == (4, 4)

@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 import tyro
 
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, read_checkpoint_config
+from .distributed import process_group
 from .train import (
     PRESETS,
     TrainConfig,
@@ -30,7 +31,7 @@ from .train import (
     train,
 )
 
-USAGE = """usage: reformer {train,eval,plot} ...
+USAGE = """usage: reformer {train,eval,plot,generate} ...
 
 Train and run Reformer models (LSH attention, reversible layers, chunked feed-forward).
 
@@ -38,11 +39,13 @@ verbs:
   train     train a model from a preset, a config file and flags; resumable
   eval      evaluate a checkpoint, optionally over several numbers of hash rounds
   plot      draw a run's learning curves (PNG)
+  generate  sample text (or an image) from a checkpoint with the cached decoder
 
 `reformer VERB --help` lists a verb's options. Examples:
   reformer train --preset duplication-small --out runs/dup
   reformer eval --checkpoint runs/dup --n-hashes 1 2 4 8
   reformer plot runs/dup
+  torchrun --nproc-per-node 2 -m reformer train --preset duplication-small --out runs/dup2
 """
 
 
@@ -75,7 +78,12 @@ def cmd_train(argv: list[str]) -> int:
         description="Train a Reformer. Layers: defaults < --preset < --config FILE < flags. "
         "`--list-presets` lists the presets.",
     )
-    final = train(cfg)
+    # Under torchrun: one process group for the whole run, destroyed when train() returns;
+    # every rank trains, rank 0 alone reports below.
+    with process_group(resolve_device(cfg.device)) as (rank, world_size):
+        final = train(cfg, rank, world_size)
+    if rank != 0:
+        return 0
     task_unit = "accuracy" if cfg.task == "duplication" else None
     lsh = "lsh" in cfg.model.attention.split(",")
     if final:
@@ -92,7 +100,7 @@ def cmd_train(argv: list[str]) -> int:
             model,
             task,
             tuple(cfg.eval_hashes),
-            batch_size=cfg.eval_batch_size or cfg.batch_size,
+            batch_size=cfg.eval_batch_size or cfg.batch_size * world_size,
             max_batches=cfg.eval_batches or None,
             device=device,
             precision=cfg.precision,
@@ -224,7 +232,13 @@ def cmd_plot(argv: list[str]) -> int:
     return 0
 
 
-VERBS = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot}
+def cmd_generate(argv: list[str]) -> int:
+    from .generate_cli import cmd_generate as run
+
+    return run(argv)
+
+
+VERBS = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot, "generate": cmd_generate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,8 +72,10 @@ def cmd_generate(argv: list[str]) -> int:
         import matplotlib.pyplot as plt
 
         plt.imsave(out, pixels)
-        print(f"wrote {out} ({cfg.image_side}x{cfg.image_side}, {n} tokens in "
-              f"{time.perf_counter() - t0:.1f} s)")
+        print(
+            f"wrote {out} ({cfg.image_side}x{cfg.image_side}, {n} tokens in "
+            f"{time.perf_counter() - t0:.1f} s)"
+        )
         return 0
     if cfg.task == "duplication":
         raise ValueError(
@@ -99,6 +101,8 @@ def cmd_generate(argv: list[str]) -> int:
     generate(model, ids, args.max_new_tokens, on_token=stream, **sample)
     sys.stdout.write(decoder.decode(b"", final=True) + "\n")
     dt = time.perf_counter() - t0
-    print(f"[{args.max_new_tokens} tokens in {dt:.1f} s, {args.max_new_tokens / dt:.1f} tokens/s]",
-          file=sys.stderr)
+    print(
+        f"[{args.max_new_tokens} tokens in {dt:.1f} s, {args.max_new_tokens / dt:.1f} tokens/s]",
+        file=sys.stderr,
+    )
     return 0

@@ -7,6 +7,11 @@ resolved config is saved as DIR/config.yaml and inside every checkpoint.
 Exact resume: batches are pure functions of (seed, step), evaluation runs on a forked RNG,
 and checkpoints carry the optimiser, scheduler and RNG states; so a run resumed after a
 kill continues with bit-identical losses on the CPU.
+
+Multi-process: under torchrun the CLI initialises torch.distributed and calls
+`train(cfg, rank, world_size)`; the model is wrapped in DDP (or sharded with FSDP2), each rank
+trains on its own rows of the same global batch, and only rank 0 writes files
+(docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -27,6 +32,21 @@ import yaml
 from .checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_config, save_checkpoint
 from .config import ReformerConfig
 from .data.tasks import Task, accuracy_counts, build_task
+from .distributed import (
+    StateView,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    full_state_dict,
+    is_distributed,
+    load_full_optimizer_state,
+    local_device,
+    maybe_crash_for_tests,
+    no_grad_sync,
+    restart_count,
+    torchrun_env,
+    wrap_model,
+)
 from .feedforward import chunked_cross_entropy
 from .model import ReformerLM
 
@@ -75,6 +95,7 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 4
     eval_batch_size: int | None = None
+    """Default: the global micro-batch, batch_size x number of processes."""
     eval_hashes: tuple[int, ...] = (1, 2, 4, 8)
     """Hash-round counts of the evaluation table printed at the end (LSH models)."""
     log_every: int = 10
@@ -83,6 +104,10 @@ class TrainConfig:
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda, cuda:N."""
     precision: Literal["fp32", "bf16"] = "fp32"
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """Multi-process training (torchrun): ddp replicates the model on every rank; fsdp
+    shards parameters, gradients and optimiser state over the ranks (FSDP2). Ignored in a
+    single process."""
     progress: bool = True
     preset: str | None = None
     """Named starting point: see `reformer train --list-presets`."""
@@ -102,6 +127,8 @@ class TrainConfig:
             raise ValueError(f"optim.accumulate must be >= 1; got {self.optim.accumulate}")
         if self.optim.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps must be >= 0; got {self.optim.warmup_steps}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be 'ddp' or 'fsdp'; got {self.parallel!r}")
         if 64 % self.image_side:
             raise ValueError(f"image_side must divide 64 (1..64); got {self.image_side}")
 
@@ -159,14 +186,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         ),
         optim=dict(name="adafactor", lr=1e-2, warmup_steps=8000),
     ),
-    # What trains usefully on 2 CPU cores in tens of minutes.
+    # What trains usefully on 2 CPU cores: ~2.8 s per step of 8 x 1024 bytes, 400 steps in
+    # ~20 minutes (measured bits per character in the README).
     "enwik8-small": dict(
         task="enwik8",
         seq_len=1024,
-        steps=2000,
+        steps=400,
         batch_size=8,
-        eval_every=250,
-        checkpoint_every=250,
+        eval_every=100,
+        checkpoint_every=100,
         model=dict(
             vocab_size=256,
             d_model=256,
@@ -178,7 +206,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             n_hashes=2,
             chunk_len=64,
         ),
-        optim=dict(lr=2e-3, warmup_steps=200, schedule="cosine"),
+        optim=dict(lr=2e-3, warmup_steps=50, schedule="cosine"),
     ),
     "imagenet64": dict(
         task="images",
@@ -473,10 +501,62 @@ def build_model(cfg: TrainConfig, device: torch.device) -> ReformerLM:
 
 
 # --- the loop ----------------------------------------------------------------------------------
+def _is_launched(rank: int, world_size: int) -> bool:
+    """Whether this call is one rank of a multi-process run (a process group exists)."""
+    if is_distributed():
+        import torch.distributed as dist
+
+        if (rank, world_size) != (dist.get_rank(), dist.get_world_size()):
+            raise ValueError(
+                f"train(rank={rank}, world_size={world_size}) does not match the initialised "
+                f"process group (rank {dist.get_rank()} of {dist.get_world_size()})"
+            )
+        return True
+    if (rank, world_size) != (0, 1):
+        raise ValueError(
+            f"train(rank={rank}, world_size={world_size}) needs an initialised "
+            "torch.distributed process group: launch with `torchrun --nproc-per-node N -m "
+            "reformer train ...` (or call torch.distributed.init_process_group first)"
+        )
+    return False
+
+
+def _elastic_restart_resumes(ckpt: Path | None, resolved: dict[str, Any]) -> bool:
+    """A worker group restarted by torchrun (--max-restarts) continues from the newest
+    checkpoint without --resume, but only from one written with this very config, so that a
+    restart never continues some other run that was in --out."""
+    if ckpt is None or torchrun_env() is None or restart_count() == 0:
+        return False
+    saved = read_checkpoint_config(ckpt)
+    return {k: v for k, v in saved.items() if k != "resume"} == {
+        k: v for k, v in resolved.items() if k != "resume"
+    }
+
+
+def _out_of_time(cfg: TrainConfig, t_start: float) -> bool:
+    return cfg.max_minutes is not None and time.perf_counter() - t_start > 60 * cfg.max_minutes
+
+
 def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
-    """Train (or resume) the run described by `cfg`; returns the final eval metrics."""
+    """Train (or resume) the run described by `cfg`; returns the final eval metrics.
+
+    With world_size > 1 this is one rank of a data-parallel run and torch.distributed must
+    be initialised (the CLI does it under torchrun); every rank calls train() with its rank.
+    Ranks other than 0 return an empty dict.
+    """
     out = Path(cfg.out)
+    launched = _is_launched(rank, world_size)
+    if launched and cfg.parallel == "fsdp" and cfg.optim.name == "adafactor":
+        # torch 2.13: Adafactor's in-place pow_ on a norm of sharded (DTensor) gradients has
+        # no sharding strategy ("aten.pow_.Scalar: in-place operations that require
+        # placement changes are not supported"), so the first optimiser step would fail.
+        raise ValueError(
+            "--parallel fsdp does not work with --optim.name adafactor (torch.optim.Adafactor "
+            "cannot step sharded DTensor parameters); use --optim.name adamw or --parallel ddp"
+        )
     device = resolve_device(cfg.device)
+    if launched:
+        device = local_device(device)
     task = build_task(cfg.task, cfg.data, cfg.seq_len, cfg.image_side)
     check_compatible(cfg, task)
     torch.manual_seed(cfg.seed)
@@ -486,8 +566,12 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, Any
     metrics = MetricsLog(out / "metrics.jsonl")
     resolved = config_to_dict(cfg)
     start = 0
-    ckpt = latest_checkpoint(out) if out.exists() else None
-    if cfg.resume and ckpt is not None:
+    ckpt = latest_checkpoint(out) if rank == 0 and out.exists() else None
+    # Rank 0 picks the checkpoint and every rank loads that one (the run directory must be
+    # on a filesystem all ranks see); deciding once keeps the ranks from disagreeing.
+    ckpt = broadcast_object(ckpt)
+    restarted = launched and restart_count() > 0
+    if (cfg.resume or _elastic_restart_resumes(ckpt, resolved)) and ckpt is not None:
         saved = read_checkpoint_config(ckpt)
         if saved.get("model") != resolved["model"]:
             diff = sorted(
@@ -508,11 +592,34 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, Any
             f"{out} already holds a run (checkpoint {ckpt.name}); pass --resume to continue it "
             "or choose another --out"
         )
+    elif restarted and rank == 0:
+        metrics.truncate_after(0)  # restarted before the first checkpoint: start over
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
 
-    eval_bs = cfg.eval_batch_size or cfg.batch_size
+    # What the loop calls for a micro-batch's loss: the model itself in one process, the
+    # DDP/FSDP wrapper (whose forward is model.loss) when launched.
+    wrapped: torch.nn.Module | None = None
+    fsdp = launched and cfg.parallel == "fsdp"
+    if launched:
+        wrapped = wrap_model(model, cfg.parallel, device)
+        if fsdp:
+            # fully_shard replaced the parameters by sharded DTensors: rebuild the optimiser
+            # and schedule over those, carrying over the state loaded above (if any).
+            loaded_opt, loaded_sched = opt.state_dict(), sched.state_dict()
+            opt = build_optimizer(model, cfg.optim)
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: lr_factor(cfg.optim, cfg.steps, s)
+            )
+            if start > 0:
+                load_full_optimizer_state(wrapped, model, opt, loaded_opt)
+                sched.load_state_dict(loaded_sched)
+            del loaded_opt
+    loss_fn = wrapped if wrapped is not None else model.loss
+
+    # Rank 0 evaluates alone, on as many rows as one process with the global batch would.
+    eval_bs = cfg.eval_batch_size or cfg.batch_size * world_size
     acc = cfg.optim.accumulate
     tokens_per_step = cfg.batch_size * task.seq_len * acc * world_size
     bar = None
@@ -526,16 +633,28 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, Any
     step = start
     model.train()
     while step < cfg.steps:
+        maybe_crash_for_tests(step, rank, world_size)
         loss_value = 0.0
         for micro in range(acc):
             ids, targets = task.train_batch(
                 step * acc + micro, cfg.batch_size, cfg.seed, rank, world_size
             )
             ids, targets = ids.to(device), targets.to(device)
-            with autocast_for(device, cfg.precision):
-                loss = model.loss(ids, targets) / acc
-            loss.backward()
+            # Gradients of all but the last micro-batch stay local: one all-reduce per step.
+            local = wrapped is not None and micro < acc - 1
+            with no_grad_sync(wrapped) if local else contextlib.nullcontext():
+                with autocast_for(device, cfg.precision):
+                    loss = loss_fn(ids, targets) / acc
+                loss.backward()
             loss_value += float(loss.detach())
+        ranks_out_of_time = False
+        if launched:
+            # The logged loss is the mean over ranks (the loss of the whole global batch, as
+            # one process computes it); every rank sees the same value, so all of them stop
+            # together on a NaN, and on rank 0's clock for --max-minutes.
+            late = float(rank == 0 and _out_of_time(cfg, t_start))
+            loss_sum, late = all_reduce_sum([loss_value, late], device)
+            loss_value, ranks_out_of_time = loss_sum / world_size, late > 0
         if not math.isfinite(loss_value):
             raise TrainingDiverged(
                 f"loss is {loss_value} at step {step + 1}; stopped. The last good checkpoint "
@@ -544,7 +663,13 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, Any
             )
         grad_norm = None
         if cfg.optim.clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip))
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip)
+            if fsdp:
+                from torch.distributed.tensor import DTensor
+
+                if isinstance(norm, DTensor):  # sharded gradients: a collective
+                    norm = norm.full_tensor()
+            grad_norm = float(norm)
         lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
@@ -554,9 +679,7 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, Any
         if bar is not None:
             bar.update(1)
         last = step == cfg.steps
-        out_of_time = (
-            cfg.max_minutes is not None and time.perf_counter() - t_start > 60 * cfg.max_minutes
-        )
+        out_of_time = ranks_out_of_time if launched else _out_of_time(cfg, t_start)
         if rank == 0 and cfg.log_every and (step % cfg.log_every == 0 or last or out_of_time):
             now = time.perf_counter()
             tps = tokens_since / max(now - t_log, 1e-9)
@@ -568,32 +691,51 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, Any
             metrics.write(rec)
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:,.0f}")
-        if rank == 0 and cfg.eval_every and (step % cfg.eval_every == 0 or last or out_of_time):
-            last_eval = evaluate(
-                model,
-                task,
-                batch_size=eval_bs,
-                max_batches=cfg.eval_batches or None,
-                device=device,
-                precision=cfg.precision,
-                seed=cfg.seed,
-            )
-            metrics.write({"step": step} | {f"eval_{k}": v for k, v in last_eval.items()})
-            if bar is not None:
-                bar.write(
-                    f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
+        do_eval = bool(cfg.eval_every) and (step % cfg.eval_every == 0 or last or out_of_time)
+        if do_eval:
+            # Rank 0 evaluates alone (the others wait at the barrier below). Under FSDP every
+            # rank first takes part in gathering the full weights, which rank 0 then uses.
+            if fsdp:
+                wrapped.unshard()  # type: ignore[union-attr, operator]
+            if rank == 0:
+                last_eval = evaluate(
+                    model,
+                    task,
+                    batch_size=eval_bs,
+                    max_batches=cfg.eval_batches or None,
+                    device=device,
+                    precision=cfg.precision,
+                    seed=cfg.seed,
                 )
-        if rank == 0 and (step % cfg.checkpoint_every == 0 or last or out_of_time):
-            save_checkpoint(
-                out,
-                step,
-                model,
-                opt,
-                sched,
-                state={"step": step, "tokens": step * tokens_per_step},
-                config=resolved,
-                keep=cfg.keep_checkpoints,
-            )
+                metrics.write({"step": step} | {f"eval_{k}": v for k, v in last_eval.items()})
+                if bar is not None:
+                    bar.write(
+                        f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
+                    )
+            if fsdp:
+                wrapped.reshard()  # type: ignore[union-attr, operator]
+        do_save = step % cfg.checkpoint_every == 0 or last or out_of_time
+        if do_save:
+            saved_model: Any = model
+            saved_opt: Any = opt
+            if fsdp:  # gather the shards (collectives on every rank); rank 0 keeps them
+                saved_model = StateView.named_like(model, full_state_dict(model, rank == 0))
+                saved_opt = StateView.named_like(opt, full_state_dict(opt, rank == 0))
+            if rank == 0:
+                save_checkpoint(
+                    out,
+                    step,
+                    saved_model,
+                    saved_opt,
+                    sched,
+                    state={"step": step, "tokens": step * tokens_per_step},
+                    config=resolved,
+                    keep=cfg.keep_checkpoints,
+                )
+        if launched and (do_eval or do_save):
+            # Nobody runs ahead while rank 0 evaluates or writes: a checkpoint is complete
+            # on disk before any rank can take another step (and crash, and be restarted).
+            barrier()
         if out_of_time:
             if bar is not None:
                 bar.write(f"--max-minutes {cfg.max_minutes} reached at step {step}; saved")
