@@ -1,8 +1,6 @@
-"""Training and evaluation: typed configs, presets, the loop, checkpoints, metrics.
+"""Training and evaluation: the loop, checkpoints, metrics (configs: `run_config.py`).
 
-Config layering (lowest to highest): dataclass defaults < `--preset` < `--config FILE`
-(YAML or TOML) < command-line overrides. Unknown keys are errors at every layer, and the
-resolved config is saved as DIR/config.yaml and inside every checkpoint.
+The resolved config is saved as DIR/config.yaml and inside every checkpoint.
 
 Exact resume: batches are pure functions of (seed, step), evaluation runs on a forked RNG,
 and checkpoints carry the optimiser, scheduler and RNG states; so a run resumed after a
@@ -22,15 +20,13 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import yaml
 
 from .checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_config, save_checkpoint
-from .config import ReformerConfig
 from .data.tasks import Task, accuracy_counts, build_task
 from .distributed import (
     StateView,
@@ -49,296 +45,16 @@ from .distributed import (
 )
 from .feedforward import chunked_cross_entropy
 from .model import ReformerLM
-
-
-@dataclass
-class OptimConfig:
-    """Optimiser and learning-rate schedule."""
-
-    name: Literal["adafactor", "adamw"] = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    schedule: Literal["rsqrt", "cosine", "constant"] = "rsqrt"
-    """rsqrt: linear warm-up then lr * sqrt(warmup / step) (the authors'); cosine: warm-up
-    then cosine decay to min_lr_ratio * lr at the last step."""
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1
-    clip: float = 1.0
-    """Gradient-norm clipping threshold; 0 disables."""
-    accumulate: int = 1
-    """Micro-batches per optimiser step (gradient accumulation)."""
-
-
-@dataclass
-class TrainConfig:
-    """A training run. `reformer train --help` lists every field as a flag."""
-
-    model: ReformerConfig = field(default_factory=ReformerConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    task: Literal["duplication", "enwik8", "text", "images"] = "duplication"
-    data: str | None = None
-    """Data path: enwik8 file (raw or .zip), text file, or npz image directory."""
-    seq_len: int = 1024
-    """Training sequence length (images: fixed by image_side)."""
-    image_side: int = 64
-    """Images are downsampled to image_side x image_side x 3 tokens (64 = imagenet64)."""
-    steps: int = 1000
-    batch_size: int = 8
-    """Sequences per micro-batch (per process)."""
-    seed: int = 0
-    out: str = "runs/run"
-    """Run directory: config.yaml, metrics.jsonl, checkpoints/, plots/."""
-    resume: bool = False
-    """Continue the run in --out from its newest checkpoint."""
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 3
-    eval_every: int = 100
-    eval_batches: int = 4
-    eval_batch_size: int | None = None
-    """Default: the global micro-batch, batch_size x number of processes."""
-    eval_hashes: tuple[int, ...] = (1, 2, 4, 8)
-    """Hash-round counts of the evaluation table printed at the end (LSH models)."""
-    log_every: int = 10
-    max_minutes: float | None = None
-    """Stop (with a checkpoint) after this much wall-clock time."""
-    device: str = "auto"
-    """auto (CUDA when present), cpu, cuda, cuda:N."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    parallel: Literal["ddp", "fsdp"] = "ddp"
-    """Multi-process training (torchrun): ddp replicates the model on every rank; fsdp
-    shards parameters, gradients and optimiser state over the ranks (FSDP2). Ignored in a
-    single process."""
-    progress: bool = True
-    preset: str | None = None
-    """Named starting point: see `reformer train --list-presets`."""
-    config: str | None = None
-    """YAML or TOML file of overrides (same keys as the flags, nested: model.d_model)."""
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive int; got {value!r}")
-        for name in ("eval_every", "log_every", "eval_batches"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"TrainConfig.{name} must be an int >= 0; got {value!r}")
-        if self.optim.accumulate < 1:
-            raise ValueError(f"optim.accumulate must be >= 1; got {self.optim.accumulate}")
-        if self.optim.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps must be >= 0; got {self.optim.warmup_steps}")
-        if self.parallel not in ("ddp", "fsdp"):
-            raise ValueError(f"parallel must be 'ddp' or 'fsdp'; got {self.parallel!r}")
-        if 64 % self.image_side:
-            raise ValueError(f"image_side must divide 64 (1..64); got {self.image_side}")
-
-
-# --- presets ---------------------------------------------------------------------------------
-def _dup(seq_len: int, **model: Any) -> dict[str, Any]:
-    m = dict(
-        vocab_size=128,
-        d_model=256,
-        d_ff=256,
-        n_heads=4,
-        n_layers=1,
-        max_seq_len=seq_len,
-        attention="lsh",
-        n_hashes=4,
-        chunk_len=64,
-        pos_emb="absolute",
-    )
-    m.update(model)
-    return dict(task="duplication", seq_len=seq_len, model=m)
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's section 5 task exactly: 0 w 0 w, |w| = 511 symbols of 1..127, length 1024.
-    "duplication": _dup(1024)
-    | dict(steps=20000, batch_size=16, optim=dict(lr=1e-3, warmup_steps=1000)),
-    # The same task at a length that trains to >= 95% with 4 hashes in minutes on 2 CPU
-    # cores (measured: 100% validation accuracy by step 200, ~0.25 s per step).
-    "duplication-small": _dup(256, d_model=128, d_ff=128, chunk_len=16)
-    | dict(
-        steps=600,
-        batch_size=16,
-        eval_every=100,
-        checkpoint_every=100,
-        optim=dict(lr=2e-3, warmup_steps=100, schedule="cosine"),
-    ),
-    # The authors' enwik8 model: 12 layers, 64K context, (local, local, lsh, local) pattern.
-    "enwik8": dict(
-        task="enwik8",
-        seq_len=65536,
-        steps=20000,
-        batch_size=1,
-        model=dict(
-            vocab_size=256,
-            d_model=1024,
-            d_ff=4096,
-            n_heads=8,
-            n_layers=12,
-            max_seq_len=65536,
-            attention="local,local,lsh,local",
-            n_hashes=4,
-            chunk_len=128,
-            axial_shape=[128, 512],
-            dropout=0.1,
-        ),
-        optim=dict(name="adafactor", lr=1e-2, warmup_steps=8000),
-    ),
-    # What trains usefully on 2 CPU cores: ~2.8 s per step of 8 x 1024 bytes, 400 steps in
-    # ~20 minutes (measured bits per character in the README).
-    "enwik8-small": dict(
-        task="enwik8",
-        seq_len=1024,
-        steps=400,
-        batch_size=8,
-        eval_every=100,
-        checkpoint_every=100,
-        model=dict(
-            vocab_size=256,
-            d_model=256,
-            d_ff=512,
-            n_heads=4,
-            n_layers=4,
-            max_seq_len=1024,
-            attention="local,lsh",
-            n_hashes=2,
-            chunk_len=64,
-        ),
-        optim=dict(lr=2e-3, warmup_steps=50, schedule="cosine"),
-    ),
-    "imagenet64": dict(
-        task="images",
-        image_side=64,
-        seq_len=12288,
-        steps=20000,
-        batch_size=1,
-        model=dict(
-            vocab_size=256,
-            d_model=1024,
-            d_ff=4096,
-            n_heads=8,
-            n_layers=12,
-            max_seq_len=12288,
-            attention="lsh",
-            n_hashes=4,
-            chunk_len=128,
-            axial_shape=[64, 192],
-        ),
-        optim=dict(name="adafactor", lr=1e-2, warmup_steps=8000),
-    ),
-    "imagenet64-small": dict(
-        task="images",
-        image_side=16,
-        seq_len=768,
-        steps=1000,
-        batch_size=8,
-        eval_every=250,
-        checkpoint_every=250,
-        model=dict(
-            vocab_size=256,
-            d_model=128,
-            d_ff=256,
-            n_heads=4,
-            n_layers=3,
-            max_seq_len=768,
-            attention="local,lsh",
-            n_hashes=2,
-            chunk_len=32,
-        ),
-        optim=dict(lr=2e-3, warmup_steps=100, schedule="cosine"),
-    ),
-    # Any local text file, byte level (--data FILE).
-    "text": dict(
-        task="text",
-        seq_len=1024,
-        steps=2000,
-        batch_size=8,
-        model=dict(
-            vocab_size=256,
-            d_model=256,
-            d_ff=512,
-            n_heads=4,
-            n_layers=4,
-            max_seq_len=1024,
-            attention="local,lsh",
-            n_hashes=2,
-            chunk_len=64,
-        ),
-        optim=dict(lr=2e-3, warmup_steps=200, schedule="cosine"),
-    ),
-}
-
-
-# --- config plumbing ---------------------------------------------------------------------------
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def _strict(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(known)}")
-    return data
-
-
-def config_from_dict(data: dict[str, Any], where: str = "config") -> TrainConfig:
-    """Build a TrainConfig from nested plain data, rejecting unknown keys."""
-    data = dict(_strict(TrainConfig, data, where))
-    model = _strict(ReformerConfig, dict(data.pop("model", {}) or {}), f"{where} [model]")
-    optim = _strict(OptimConfig, dict(data.pop("optim", {}) or {}), f"{where} [optim]")
-    for key in ("axial_shape", "axial_dims"):
-        if isinstance(model.get(key), list):
-            model[key] = tuple(model[key])
-    if isinstance(data.get("eval_hashes"), list):
-        data["eval_hashes"] = tuple(data["eval_hashes"])
-    return TrainConfig(model=ReformerConfig(**model), optim=OptimConfig(**optim), **data)
-
-
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested data (lists for tuples) for YAML/JSON."""
-
-    def plain(x: Any) -> Any:
-        if is_dataclass(x):
-            return {k: plain(v) for k, v in asdict(x).items()}
-        if isinstance(x, dict):
-            return {k: plain(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [plain(v) for v in x]
-        return x
-
-    return plain(cfg)
-
-
-def load_config_file(path: str) -> dict[str, Any]:
-    """Read a YAML (.yaml/.yml) or TOML (.toml) file of nested overrides."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"--config {path}: no such file")
-    text = p.read_text()
-    if p.suffix == ".toml":
-        import tomllib
-
-        data = tomllib.loads(text)
-    else:
-        data = yaml.safe_load(text) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"--config {path}: expected a mapping of config keys at the top level")
-    return data
-
-
-def preset_dict(name: str) -> dict[str, Any]:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
-    return _merge(PRESETS[name], {"preset": name})
+from .run_config import (  # noqa: F401  (re-exported: the loop's public names)
+    PRESETS,
+    OptimConfig,
+    TrainConfig,
+    _merge,
+    config_from_dict,
+    config_to_dict,
+    load_config_file,
+    preset_dict,
+)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
