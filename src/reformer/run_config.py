@@ -98,6 +98,16 @@ class TrainConfig:
             raise ValueError(f"image_side must divide 64 (1..64); got {self.image_side}")
 
 
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
 # --- presets ---------------------------------------------------------------------------------
 def _dup(seq_len: int, **model: Any) -> dict[str, Any]:
     m = dict(
@@ -214,39 +224,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         ),
         optim=dict(lr=2e-3, warmup_steps=100, schedule="cosine"),
     ),
-    # Any local text file, byte level (--data FILE).
-    "text": dict(
-        task="text",
-        seq_len=1024,
-        steps=2000,
-        batch_size=8,
-        model=dict(
-            vocab_size=256,
-            d_model=256,
-            d_ff=512,
-            n_heads=4,
-            n_layers=4,
-            max_seq_len=1024,
-            attention="local,lsh",
-            n_hashes=2,
-            chunk_len=64,
-        ),
-        optim=dict(lr=2e-3, warmup_steps=200, schedule="cosine"),
-    ),
 }
+# Any local text file, byte level (--data FILE): enwik8-small's model on the user's text.
+PRESETS["text"] = _merge(PRESETS["enwik8-small"], {"task": "text"})
 
 
 # --- config plumbing ---------------------------------------------------------------------------
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def _strict(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
