@@ -238,22 +238,30 @@ def _pair_codes(
     e_q, e_k = e_q.view(R, M, C), e_k.view(R, M, 2 * C)
 
     code = torch.empty(M, C, 2 * C, dtype=torch.int8, device=device)
-    for sl in _row_slices(M, C * 2 * C):
-        qp, kp = q_pos[sl, :, None], k_pos[sl, None, :]
-        kr = k_rb[sl, None, :]
-        ok = (kr % (K + 1)) != K  # padded keys sit in bucket K
-        ok = ok & ~(first[sl, None, None] & back_half)  # no wrap into another round
-        if mode == "window":
-            ok = ok & (q_rb[sl, :, None] == kr) & band
-        if causal:
-            ok = ok & (kp <= qp)
-        count = torch.zeros(ok.shape[0], C, 2 * C, dtype=torch.int8, device=device)
-        for r in range(R):
-            d = e_q[r, sl, :, None] - e_k[r, sl, None, :]
-            count += (d >= 0) & (d <= T)
-        count.masked_fill_(~ok, 0)
-        count.masked_fill_(ok & (qp == kp), R + 1)
-        code[sl] = count
+    # Rows come in blocks of N chunks of one (batch, head, round); slices stay inside a block,
+    # so a slice's own round r is known: an allowed pair is in S_r(i) by construction, and
+    # only the other R - 1 rounds need counting.
+    for block in range(M // N):
+        r_own = block % R
+        for part in _row_slices(N, C * 2 * C):
+            sl = slice(block * N + part.start, block * N + part.stop)
+            qp, kp = q_pos[sl, :, None], k_pos[sl, None, :]
+            kr = k_rb[sl, None, :]
+            ok = (kr % (K + 1)) != K  # padded keys sit in bucket K
+            ok = ok & ~(first[sl, None, None] & back_half)  # no wrap into another round
+            if mode == "window":
+                ok = ok & (q_rb[sl, :, None] == kr) & band
+            if causal:
+                ok = ok & (kp <= qp)
+            ok = ok.expand(qp.shape[0], C, 2 * C)
+            count = ok.to(torch.int8)  # (m, C, 2C): round r_own itself
+            for r in range(R):
+                if r != r_own:
+                    d = e_q[r, sl, :, None] - e_k[r, sl, None, :]
+                    count += (d >= 0) & (d <= T)
+            count.masked_fill_(~ok, 0)
+            count.masked_fill_(ok & (qp == kp), R + 1)
+            code[sl] = count
     return code
 
 
