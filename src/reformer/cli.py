@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 import tyro
 
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, read_checkpoint_config
+from .checkpoint import CheckpointError
 from .distributed import process_group
 from .train import (
     PRESETS,
@@ -90,11 +90,10 @@ def cmd_train(argv: list[str]) -> int:
         print("final eval: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
     if lsh and cfg.eval_hashes:
         from .data.tasks import build_task
-        from .model import ReformerLM
+        from .train import load_run
 
         device = resolve_device(cfg.device)
-        model = ReformerLM(cfg.model).to(device)
-        load_checkpoint(Path(cfg.out), model, restore_rng=False)
+        model, _, _, _ = load_run(Path(cfg.out), device)
         task = build_task(cfg.task, cfg.data, cfg.seq_len, cfg.image_side)
         rows = hash_table(
             model,
@@ -138,21 +137,11 @@ class EvalArgs:
 
 def cmd_eval(argv: list[str]) -> int:
     from .data.tasks import build_task
-    from .model import ReformerLM
+    from .train import load_run
 
     args = tyro.cli(EvalArgs, args=argv, prog="reformer eval")
-    path = Path(args.checkpoint)
-    ckpt = latest_checkpoint(path) if not (path / "meta.json").exists() else path
-    if ckpt is None:
-        raise CheckpointError(f"{path}: no checkpoint found (expected a run or checkpoint dir)")
-    saved = read_checkpoint_config(ckpt)
-    try:
-        cfg = config_from_dict(saved, where=f"{ckpt}/config.json")
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{ckpt}: its saved config is not a reformer run config ({e})") from e
     device = resolve_device(args.device)
-    model = ReformerLM(cfg.model).to(device)
-    loaded = load_checkpoint(ckpt, model, restore_rng=False)
+    model, cfg, ckpt, step = load_run(Path(args.checkpoint), device)
     task = build_task(cfg.task, args.data or cfg.data, cfg.seq_len, cfg.image_side)
     counts = tuple(args.n_hashes) or (cfg.model.n_hashes,)
     rows = hash_table(
@@ -167,14 +156,14 @@ def cmd_eval(argv: list[str]) -> int:
         seed=args.seed,
     )
     print(
-        f"{ckpt} (step {loaded.step}), {cfg.task} {args.split} split, trained with "
+        f"{ckpt} (step {step}), {cfg.task} {args.split} split, trained with "
         f"{cfg.model.n_hashes} hash rounds"
     )
     print(format_table(rows))
     if args.json:
         from .train import atomic_write_text
 
-        result = {"checkpoint": str(ckpt), "step": loaded.step, "split": args.split, "rows": rows}
+        result = {"checkpoint": str(ckpt), "step": step, "split": args.split, "rows": rows}
         atomic_write_text(Path(args.json), json.dumps(result, indent=2))
     return 0
 

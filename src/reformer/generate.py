@@ -19,7 +19,7 @@ the prefix grows; full attention touches all earlier keys.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -152,9 +152,7 @@ def _attend_one(attn: Attention, lc: LayerCache, h: Tensor, t: int) -> Tensor:
 def _prefill(model: ReformerLM, ids: Tensor, cache: DecodeCache) -> Tensor:
     """The full forward of the prompt (hashing as for total_len), filling the cache."""
     P = ids.shape[1]
-    x = model.token_emb(ids)
-    if model.pos_emb is not None:
-        x = x + model.pos_emb(P).to(x.dtype)
+    x = model.embed(ids)
     x1 = x2 = x
     for block, (seed_f, seed_g), lc in zip(model.blocks, cache.seeds, cache.layers):
         inp = x2 if model.config.reversible else x1
@@ -178,9 +176,7 @@ def _prefill(model: ReformerLM, ids: Tensor, cache: DecodeCache) -> Tensor:
 def _step(model: ReformerLM, ids: Tensor, cache: DecodeCache) -> Tensor:
     """One new token per sequence: ids (B, 1) -> logits (B, 1, V)."""
     t = cache.length
-    x = model.token_emb(ids)
-    if model.pos_emb is not None:
-        x = x + model.pos_emb(1, offset=t).to(x.dtype)
+    x = model.embed(ids, offset=t)
     x1 = x2 = x
     for block, (_, seed_g), lc in zip(model.blocks, cache.seeds, cache.layers):
         inp = x2 if model.config.reversible else x1
@@ -315,12 +311,3 @@ def generate(
             if cache.length < total:
                 logits, cache = decode(model, nxt[:, None], cache)
     return torch.cat(out, dim=1)
-
-
-def iter_decode(model: ReformerLM, ids: Tensor, total_len: int) -> Iterator[Tensor]:
-    """Logits of each position of `ids` (B, L), decoding one token at a time (tests, bench)."""
-    logits, cache = decode(model, ids[:, :1], None, total_len=total_len)
-    yield logits
-    for i in range(1, ids.shape[1]):
-        logits, cache = decode(model, ids[:, i : i + 1], cache)
-        yield logits

@@ -11,10 +11,8 @@ from pathlib import Path
 import torch
 import tyro
 
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, read_checkpoint_config
 from .generate import generate
-from .model import ReformerLM
-from .train import config_from_dict, resolve_device
+from .train import load_run, resolve_device
 
 
 @dataclass
@@ -37,21 +35,10 @@ class GenerateArgs:
     device: str = "auto"
 
 
-def load_model(path: Path, device: torch.device):
-    """The model and training config of a run or checkpoint directory."""
-    ckpt = path if (path / "meta.json").exists() else latest_checkpoint(path)
-    if ckpt is None:
-        raise CheckpointError(f"{path}: no checkpoint found (expected a run or checkpoint dir)")
-    cfg = config_from_dict(read_checkpoint_config(ckpt), where=f"{ckpt}/config.json")
-    model = ReformerLM(cfg.model).to(device)
-    load_checkpoint(ckpt, model, restore_rng=False)
-    return model.eval(), cfg
-
-
 def cmd_generate(argv: list[str]) -> int:
     args = tyro.cli(GenerateArgs, args=argv, prog="reformer generate")
     device = resolve_device(args.device)
-    model, cfg = load_model(Path(args.checkpoint), device)
+    model, cfg, _, _ = load_run(Path(args.checkpoint), device)
     sample = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   seed=args.seed)  # fmt: skip
     if cfg.task == "images" or args.image:

@@ -196,16 +196,20 @@ class ReformerLM(nn.Module):
         draws = torch.randint(0, 2**62, (len(self.blocks), 2))
         return [(int(a), int(b)) for a, b in draws.tolist()]
 
+    def embed(self, input_ids: Tensor, offset: int = 0) -> Tensor:
+        """Token plus positional embeddings of ids at positions offset.. : (B, L) -> (B, L, d)."""
+        x = self.token_emb(input_ids)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(input_ids.shape[1], offset=offset).to(x.dtype)
+        return x
+
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Final hidden states before the output norm: (B, L) -> (B, L, W)."""
         self._check_ids(input_ids)
         self._check_mask(attention_mask, input_ids)
         seeds = self.layer_seeds()
         emb_seed = int(torch.randint(0, 2**62, ()))
-        L = input_ids.shape[1]
-        x = self.token_emb(input_ids)  # (B, L, d)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(L).to(x.dtype)
+        x = self.embed(input_ids)  # (B, L, d)
         if self.training and self.config.dropout > 0:
             gen = make_generator(emb_seed, x.device)
             x = x * dropout_mask(x.shape, self.config.dropout, gen, x.device, x.dtype)

@@ -461,6 +461,23 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, Any
     return last_eval
 
 
+def load_run(path: Path, device: torch.device) -> tuple[ReformerLM, TrainConfig, Path, int]:
+    """A run or checkpoint directory -> (model in eval mode, its run config, the checkpoint
+    directory used, its step). Raises CheckpointError when there is nothing to load."""
+    from .checkpoint import CheckpointError
+
+    ckpt = path if (path / "meta.json").exists() else latest_checkpoint(path)
+    if ckpt is None:
+        raise CheckpointError(f"{path}: no checkpoint found (expected a run or checkpoint dir)")
+    try:
+        cfg = config_from_dict(read_checkpoint_config(ckpt), where=f"{ckpt}/config.json")
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt}: its saved config is not a reformer run config ({e})") from e
+    model = ReformerLM(cfg.model).to(device)
+    step = load_checkpoint(ckpt, model, restore_rng=False).step
+    return model.eval(), cfg, ckpt, step
+
+
 def hash_table(
     model: ReformerLM,
     task: Task,

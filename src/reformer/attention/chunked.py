@@ -22,7 +22,8 @@ from .common import upcast
 SLICE_ENTRIES = 1 << 21
 
 
-def _slices(rows: int, per_row: int) -> list[slice]:
+def row_slices(rows: int, per_row: int) -> list[slice]:
+    """Consecutive slices of `rows`, each holding about SLICE_ENTRIES = rows x per_row."""
     step = max(1, SLICE_ENTRIES // max(1, per_row))
     return [slice(a, min(a + step, rows)) for a in range(0, rows, step)]
 
@@ -47,7 +48,7 @@ class _ChunkAttention(torch.autograd.Function):
         M, C, _ = q.shape
         out = torch.empty_like(q)
         lse = torch.empty(M, C, dtype=lut.dtype, device=q.device)
-        for sl in _slices(M, C * k.shape[1]):
+        for sl in row_slices(M, C * k.shape[1]):
             p, lse[sl] = _probs(q[sl], k[sl], code[sl], lut, None)
             out[sl] = torch.bmm(p.to(v.dtype), v[sl])
         ctx.save_for_backward(q, k, v, code, lut, out, lse)
@@ -63,7 +64,7 @@ class _ChunkAttention(torch.autograd.Function):
             d_lse = torch.zeros_like(lse)
         # dS = P * (dO V^T - rowsum(dO * O) + dlse): softmax and log-sum-exp backward
         delta = (upcast(d_out) * upcast(out)).sum(-1) - d_lse  # (M, C)
-        for sl in _slices(q.shape[0], q.shape[1] * k.shape[1]):
+        for sl in row_slices(q.shape[0], q.shape[1] * k.shape[1]):
             p, _ = _probs(q[sl], k[sl], code[sl], lut, lse[sl])
             dp = upcast(torch.bmm(d_out[sl], v[sl].transpose(1, 2)))
             ds = (dp.sub_(delta[sl][..., None])).mul_(p).to(q.dtype)

@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor
 
-from .chunked import chunk_attention
+from .chunked import chunk_attention, row_slices
 from .common import (
     MASK_SCORE,
     SELF_SCORE,
@@ -243,7 +243,7 @@ def _pair_codes(
     # only the other R - 1 rounds need counting.
     for block in range(M // N):
         r_own = block % R
-        for part in _row_slices(N, C * 2 * C):
+        for part in row_slices(N, C * 2 * C):
             sl = slice(block * N + part.start, block * N + part.stop)
             qp, kp = q_pos[sl, :, None], k_pos[sl, None, :]
             kr = k_rb[sl, None, :]
@@ -263,8 +263,3 @@ def _pair_codes(
             count.masked_fill_(ok & (qp == kp), R + 1)
             code[sl] = count
     return code
-
-
-def _row_slices(rows: int, per_row: int, entries: int = 1 << 21) -> list[slice]:
-    step = max(1, entries // per_row)
-    return [slice(a, min(a + step, rows)) for a in range(0, rows, step)]
