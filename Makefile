@@ -16,12 +16,12 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench repro
+	$(VENV)/bin/ruff format --check src tests bench repro
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format src tests bench
-	$(VENV)/bin/ruff check --fix src tests bench
+	$(VENV)/bin/ruff format src tests bench repro
+	$(VENV)/bin/ruff check --fix src tests bench repro
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q

@@ -202,12 +202,13 @@ def test_metrics_schema_and_eval_table(tmp_path, capsys):
     assert {"eval_loss", "eval_bits", "eval_accuracy"} <= set(eval_recs[-1])
     capsys.readouterr()
     table = tmp_path / "t.json"
-    assert main(["eval", "--checkpoint", str(out), "--n-hashes", "1", "8",
+    assert main(["eval", "--checkpoint", str(out), "--n-hashes", "1", "8", "full",
                  "--batches", "1", "--json", str(table)]) == 0  # fmt: skip
     printed = capsys.readouterr().out
-    assert "n_hashes" in printed and "accuracy" in printed
+    assert "n_hashes" in printed and "accuracy" in printed and "full" in printed
     rows = json.loads(table.read_text())["rows"]
-    assert [r["n_hashes"] for r in rows] == [1, 8]
+    assert [r["n_hashes"] for r in rows] == [1, 8, "full"]
+    assert rows[0]["loss"] != rows[2]["loss"]
     assert torch.tensor([r["accuracy"] for r in rows]).le(1).all()
 
 

@@ -163,6 +163,26 @@ def test_n_hashes_changeable_at_evaluation():
         model.set_n_hashes(0)
 
 
+def test_set_attention_swaps_lsh_and_full_shared_qk_with_the_same_weights():
+    """Paper Table 2: one set of weights evaluated with full attention and with LSH."""
+    lsh = ReformerLM(small(attention="local,lsh", shared_qk=True)).double().eval()
+    full = ReformerLM(small(attention="local,full", shared_qk=True)).double().eval()
+    full.load_state_dict(lsh.state_dict())  # same parameter names: one qk projection
+    ids = torch.randint(0, 37, (2, 29))
+    lsh.set_attention("full")
+    assert [b.attn.kind for b in lsh.blocks] == ["local", "full", "local"]
+    assert rel_err(seeded(lsh, ids), seeded(full, ids)) < 1e-12
+    full.set_attention("lsh")
+    lsh.set_attention(None)
+    assert [b.attn.kind for b in lsh.blocks] == ["local", "lsh", "local"]
+    assert rel_err(seeded(full, ids), seeded(lsh, ids)) < 1e-12
+    assert not torch.allclose(seeded(lsh, ids), seeded(full.set_attention(None) or full, ids))
+    with pytest.raises(ValueError, match="no shared-QK"):
+        ReformerLM(small(attention="full", shared_qk=False)).set_attention("lsh")
+    with pytest.raises(ValueError, match="kind must be"):
+        lsh.set_attention("local")
+
+
 def test_any_length_up_to_max_and_manual_seed_reproducibility():
     model = ReformerLM(small(max_seq_len=50)).eval()
     for L in (1, 2, 3, 17, 50):

@@ -31,7 +31,7 @@ from .train import (
     train,
 )
 
-USAGE = """usage: reformer {train,eval,plot,generate} ...
+USAGE = """usage: reformer {train,eval,plot,generate,translate} ...
 
 Train and run Reformer models (LSH attention, reversible layers, chunked feed-forward).
 
@@ -40,11 +40,14 @@ verbs:
   eval      evaluate a checkpoint, optionally over several numbers of hash rounds
   plot      draw a run's learning curves (PNG)
   generate  sample text (or an image) from a checkpoint with the cached decoder
+  translate translate text (stdin or a file) with a translation run's checkpoint
 
 `reformer VERB --help` lists a verb's options. Examples:
   reformer train --preset duplication-small --out runs/dup
   reformer eval --checkpoint runs/dup --n-hashes 1 2 4 8
   reformer plot runs/dup
+  reformer train --preset multi30k-small --data ../shared/data/translation/multi30k --out runs/mt
+  echo "A man rides a bike." | reformer translate --checkpoint runs/mt
   torchrun --nproc-per-node 2 -m reformer train --preset duplication-small --out runs/dup2
 """
 
@@ -84,6 +87,10 @@ def cmd_train(argv: list[str]) -> int:
         final = train(cfg, rank, world_size)
     if rank != 0:
         return 0
+    if cfg.task == "translation":
+        if final:
+            print(f"final eval: loss {final['loss']:.4f}, BLEU {final['bleu']:.2f}")
+        return 0
     task_unit = "accuracy" if cfg.task == "duplication" else None
     lsh = "lsh" in cfg.model.attention.split(",")
     if final:
@@ -120,8 +127,10 @@ class EvalArgs:
 
     checkpoint: str
     """A run directory (its newest checkpoint is used) or a checkpoint directory."""
-    n_hashes: tuple[int, ...] = ()
-    """Hash-round counts to evaluate with (a table when several); default: as trained."""
+    n_hashes: tuple[int | Literal["full"], ...] = ()
+    """Hash-round counts to evaluate with (a table when several); "full" evaluates the
+    shared-QK layers with full attention, and a count evaluates a model trained with full
+    shared-QK attention with LSH (paper Table 2). Default: as trained."""
     split: Literal["val", "test"] = "val"
     batches: int = 16
     """Evaluation batches (0: the whole split)."""
@@ -133,6 +142,14 @@ class EvalArgs:
     seed: int = 0
     json: str | None = None
     """Also write the results to this JSON file."""
+    src: str | None = None
+    """Translation runs: score this source file (lines or WMT .sgm) instead of a split..."""
+    ref: str | None = None
+    """...against this reference file."""
+    beam: int | None = None
+    """Translation runs: beam width (default: the run's translation.beam)."""
+    output: str | None = None
+    """Translation runs: also write the translations here, one per line."""
 
 
 def cmd_eval(argv: list[str]) -> int:
@@ -141,9 +158,13 @@ def cmd_eval(argv: list[str]) -> int:
 
     args = tyro.cli(EvalArgs, args=argv, prog="reformer eval")
     device = resolve_device(args.device)
+    if _is_translation_run(Path(args.checkpoint)):
+        from .translation.cli import eval_translation
+
+        return eval_translation(args, device)
     model, cfg, ckpt, step = load_run(Path(args.checkpoint), device)
     task = build_task(cfg.task, args.data or cfg.data, cfg.seq_len, cfg.image_side)
-    counts = tuple(args.n_hashes) or (cfg.model.n_hashes,)
+    counts = tuple(args.n_hashes) or (None,)
     rows = hash_table(
         model,
         task,
@@ -227,7 +248,28 @@ def cmd_generate(argv: list[str]) -> int:
     return run(argv)
 
 
-VERBS = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot, "generate": cmd_generate}
+def cmd_translate(argv: list[str]) -> int:
+    from .translation.cli import cmd_translate as run
+
+    return run(argv)
+
+
+def _is_translation_run(path: Path) -> bool:
+    from .checkpoint import latest_checkpoint, read_checkpoint_config
+
+    ckpt = path if (path / "meta.json").exists() else latest_checkpoint(path)
+    if ckpt is None:
+        return False
+    return read_checkpoint_config(ckpt).get("task") == "translation"
+
+
+VERBS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "plot": cmd_plot,
+    "generate": cmd_generate,
+    "translate": cmd_translate,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -148,6 +148,28 @@ class ReformerLM(nn.Module):
         for block in self.blocks:
             block.attn.n_hashes = n_hashes
 
+    def set_attention(self, kind: str | None) -> None:
+        """Run every shared-QK "lsh" or "full" layer as `kind` ("lsh" or "full"); None
+        restores the configured kinds. The two kinds have the same weights (one query-key
+        projection), so a model trained with one can be evaluated with the other: the
+        paper's Table 2. Local and separate-QK layers are left as they are."""
+        if kind not in (None, "lsh", "full"):
+            raise ValueError(f"set_attention: kind must be 'lsh', 'full' or None; got {kind!r}")
+        configured = self.config.layer_kinds
+        swappable = [
+            i
+            for i, k in enumerate(configured)
+            if k in ("lsh", "full") and self.blocks[i].attn.shared_qk
+        ]
+        if kind is not None and not swappable:
+            raise ValueError(
+                f"set_attention({kind!r}): the model has no shared-QK lsh or full layer to swap "
+                f"(attention={self.config.attention!r}, shared_qk={self.config.shared_qk}); a "
+                "separate-QK layer has no LSH counterpart"
+            )
+        for i in swappable:
+            self.blocks[i].attn.kind = kind or configured[i]
+
     def _check_ids(self, input_ids: Tensor, name: str = "input_ids") -> None:
         if not isinstance(input_ids, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of token ids; got {type(input_ids)}")

@@ -117,11 +117,15 @@ def evaluate(
     batch_size: int = 8,
     max_batches: int | None = 4,
     n_hashes: int | None = None,
+    attention: str | None = None,
     device: torch.device | None = None,
     precision: str = "fp32",
     seed: int = 0,
 ) -> dict[str, float]:
     """Loss (nats), bits per token and, for duplication, accuracy on `split`.
+
+    `attention` ("lsh" or "full") evaluates the shared-QK layers with that kind instead of
+    the trained one (`ReformerLM.set_attention`); `n_hashes` overrides the hash rounds.
 
     Runs on a forked RNG seeded with `seed`: hash rotations are reproducible and the
     training RNG stream is untouched (exact resume does not depend on when evals ran).
@@ -134,6 +138,7 @@ def evaluate(
         model.eval()
         if n_hashes is not None:
             model.set_n_hashes(n_hashes)
+        model.set_attention(attention)
         total, count, correct = 0.0, 0, 0
         try:
             for ids, targets in task.eval_batches(split, batch_size, max_batches, seed=seed):
@@ -154,6 +159,7 @@ def evaluate(
                 count += int(n)
         finally:
             model.set_n_hashes(old_hashes)
+            model.set_attention(None)
             model.train(was_training)
     if count == 0:
         raise ValueError(f"no scored tokens in the {split!r} split (too short for seq_len?)")
@@ -260,6 +266,10 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, Any
     be initialised (the CLI does it under torchrun); every rank calls train() with its rank.
     Ranks other than 0 return an empty dict.
     """
+    if cfg.task == "translation":
+        from .translation.train import train_translation
+
+        return train_translation(cfg, rank, world_size)
     out = Path(cfg.out)
     launched = _is_launched(rank, world_size)
     if launched and cfg.parallel == "fsdp" and cfg.optim.name == "adafactor":
@@ -481,7 +491,7 @@ def load_run(path: Path, device: torch.device) -> tuple[ReformerLM, TrainConfig,
 def hash_table(
     model: ReformerLM,
     task: Task,
-    counts: tuple[int, ...],
+    counts: tuple[int | str | None, ...],
     *,
     split: str = "val",
     batch_size: int = 8,
@@ -490,21 +500,28 @@ def hash_table(
     precision: str = "fp32",
     seed: int = 0,
 ) -> list[dict[str, float]]:
-    """Evaluate the same weights with each number of hash rounds."""
+    """Evaluate the same weights with each number of hash rounds; "full" in `counts`
+    evaluates the shared-QK layers with full attention instead, and a number evaluates
+    them with LSH even when the model was trained with full shared-QK attention; None
+    evaluates the model as trained (row label "trained")."""
     rows = []
     for n in counts:
+        if n not in (None, "full") and (isinstance(n, bool) or not isinstance(n, int)):
+            raise ValueError(f"evaluation hash rounds must be ints or 'full'; got {n!r}")
+        as_int = isinstance(n, int)
         res = evaluate(
             model,
             task,
             split=split,
             batch_size=batch_size,
             max_batches=max_batches,
-            n_hashes=n,
+            n_hashes=n if as_int else None,
+            attention="lsh" if as_int else n,
             device=device,
             precision=precision,
             seed=seed,
         )
-        rows.append({"n_hashes": n} | res)
+        rows.append({"n_hashes": "trained" if n is None else n} | res)
     return rows
 
 
