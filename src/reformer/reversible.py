@@ -96,3 +96,110 @@ class ReversibleFunction(torch.autograd.Function):
                 del f, g, x2_
         param_grads = [g for grads in reversed(grads_per_block) for g in grads]
         return (dy1, dy2, None, None, None, *param_grads)
+
+
+# --- a general chain of half-residual steps (encoder-decoder stacks) ---------------------------
+class Branch:
+    """One half-residual step of `reversible_chain`: `fn(x, context, seed) -> (B, L, d)` and
+    the trainable parameters it uses. `context` is the chain's extra input (the encoder output
+    for a decoder's cross-attention; None for an encoder) and `seed` seeds every random draw
+    (dropout), so the backward pass replays it exactly."""
+
+    __slots__ = ("fn", "params")
+
+    def __init__(self, fn, params: list[nn.Parameter]) -> None:
+        self.fn = fn
+        self.params = _trainable(params)
+
+
+def reversible_chain(
+    branches: Sequence[Branch],
+    x1: Tensor,
+    x2: Tensor,
+    context: Tensor | None,
+    seeds: Sequence[int],
+    custom_backward: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Reversible half-residual steps that alternate between the halves:
+
+        step 0: x1 += f0(x2),  step 1: x2 += f1(x1),  step 2: x1 += f2(x2), ...
+
+    (the authors' decoder layer: self-attention, cross-attention and feed-forward, each a
+    half-residual followed by a swap). Activations are not stored: the backward pass rebuilds
+    each step's input from its output. `context` (e.g. the encoder output) is an input of
+    every step that receives its summed gradient. custom_backward=False runs the same chain
+    under plain autograd: the reference the tests compare against.
+    """
+    if len(seeds) != len(branches):
+        raise ValueError(f"reversible_chain: {len(branches)} branches but {len(seeds)} seeds")
+    params = [p for b in branches for p in b.params]
+    grad_inputs = x1.requires_grad or x2.requires_grad
+    grad_inputs = grad_inputs or (context is not None and context.requires_grad)
+    if custom_backward and torch.is_grad_enabled() and (grad_inputs or params):
+        dummy = context if context is not None else x1.new_zeros(())
+        return _ChainFunction.apply(
+            x1, x2, dummy, context is not None, branches, tuple(seeds), *params
+        )
+    for i, (branch, seed) in enumerate(zip(branches, seeds)):
+        if i % 2 == 0:
+            x1 = x1 + branch.fn(x2, context, seed)
+        else:
+            x2 = x2 + branch.fn(x1, context, seed)
+    return x1, x2
+
+
+class _ChainFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x1, x2, context, has_context, branches, seeds, *params):
+        ctx_in = context if has_context else None
+        with torch.no_grad():
+            for i, (branch, seed) in enumerate(zip(branches, seeds)):
+                if i % 2 == 0:
+                    x1 = x1 + branch.fn(x2, ctx_in, seed)
+                else:
+                    x2 = x2 + branch.fn(x1, ctx_in, seed)
+        device_type = x1.device.type
+        ctx.autocast = (
+            device_type,
+            torch.is_autocast_enabled(device_type),
+            torch.get_autocast_dtype(device_type),
+        )
+        ctx.branches, ctx.seeds, ctx.has_context = branches, seeds, has_context
+        ctx.save_for_backward(x1.detach(), x2.detach(), context.detach())
+        return x1, x2
+
+    @staticmethod
+    def backward(ctx, dy1, dy2):
+        y1, y2, context = ctx.saved_tensors
+        has_context = ctx.has_context
+        need_context = has_context and ctx.needs_input_grad[2]
+        d_context = torch.zeros_like(context) if need_context else None
+        device_type, autocast_on, autocast_dtype = ctx.autocast
+        grads_per_branch: list[list[Tensor | None]] = []
+        steps = list(enumerate(zip(ctx.branches, ctx.seeds)))
+        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
+            for i, (branch, seed) in reversed(steps):
+                # Step i updated `a` from `b`: a_out = a_in + f(b). Rebuild a_in = a_out - f(b);
+                # dL/da_in = dL/da_out, dL/db += (df/db)^T dL/da_out.
+                b, da = (y2, dy1) if i % 2 == 0 else (y1, dy2)
+                with torch.enable_grad():
+                    b_ = b.detach().requires_grad_(True)
+                    c_ = context.detach().requires_grad_(need_context) if has_context else None
+                    f = branch.fn(b_, c_, seed)
+                    inputs = [b_, *([c_] if need_context else []), *branch.params]
+                    grads = list(torch.autograd.grad(f, inputs, da, allow_unused=True))
+                db = grads.pop(0)
+                if need_context:
+                    dc = grads.pop(0)
+                    if dc is not None:
+                        d_context = d_context + dc
+                if i % 2 == 0:
+                    y1 = y1 - f.detach()
+                    dy2 = dy2 + db
+                else:
+                    y2 = y2 - f.detach()
+                    dy1 = dy1 + db
+                grads_per_branch.append(grads)
+                del f, b_
+        param_grads = [g for grads in reversed(grads_per_branch) for g in grads]
+        return (dy1, dy2, d_context, None, None, None, *param_grads)

@@ -35,14 +35,47 @@ class OptimConfig:
 
 
 @dataclass
+class TranslationConfig:
+    """Translation runs (task "translation"): the encoder-decoder's own fields and its data.
+
+    The shared fields come from `model`: d_model, d_ff, n_heads, n_layers (decoder layers),
+    dropout, reversible, n_hashes and chunk_len (an LSH encoder). The vocabulary is the
+    sentencepiece model's, trained on the training text and saved as DIR/spm.model."""
+
+    src_lang: str = "en"
+    tgt_lang: str = "de"
+    vocab_size: int = 8000
+    """Shared source/target subword vocabulary (sentencepiece unigram)."""
+    n_enc_layers: int = 6
+    enc_attention: Literal["full", "lsh"] = "full"
+    tie_embeddings: bool = True
+    """One embedding matrix for source, target and output (the shared vocabulary)."""
+    label_smoothing: float = 0.1
+    max_len: int = 128
+    """Longest sentence in subword tokens; longer training pairs are dropped."""
+    max_tokens: int = 4096
+    """Padded tokens per training batch (sentences x longest sentence)."""
+    eval_beam: int = 1
+    """Beam width of the BLEU evaluation during training (1: greedy, fastest)."""
+    beam: int = 4
+    """Beam width of `reformer eval` and `reformer translate`."""
+    length_penalty: float = 0.6
+    bleu_sentences: int = 0
+    """Validation sentences translated for BLEU at each evaluation (0: all)."""
+
+
+@dataclass
 class TrainConfig:
     """A training run. `reformer train --help` lists every field as a flag."""
 
     model: ReformerConfig = field(default_factory=ReformerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    task: Literal["duplication", "enwik8", "text", "images"] = "duplication"
+    translation: TranslationConfig = field(default_factory=TranslationConfig)
+    """Used by task "translation" only."""
+    task: Literal["duplication", "enwik8", "text", "images", "translation"] = "duplication"
     data: str | None = None
-    """Data path: enwik8 file (raw or .zip), text file, or npz image directory."""
+    """Data path: enwik8 file (raw or .zip), text file, npz image directory, or (translation)
+    a directory of aligned {split}.{lang} files (one sentence per line, or WMT .sgm)."""
     seq_len: int = 1024
     """Training sequence length (images: fixed by image_side)."""
     image_side: int = 64
@@ -225,6 +258,29 @@ PRESETS: dict[str, dict[str, Any]] = {
         optim=dict(lr=2e-3, warmup_steps=100, schedule="cosine"),
     ),
 }
+
+
+def _mt(d_model: int, d_ff: int, heads: int, layers: int, **translation: Any) -> dict[str, Any]:
+    model = dict(d_model=d_model, d_ff=d_ff, n_heads=heads, n_layers=layers, dropout=0.1)
+    return dict(
+        task="translation", model=model, translation=dict(n_enc_layers=layers) | translation
+    )
+
+
+# The paper's reversible base model (6 + 6 layers, d_model 512), for WMT14-sized data.
+PRESETS["wmt14-base"] = _mt(512, 2048, 8, 6, vocab_size=32000, max_tokens=8192) | dict(
+    steps=100000,
+    eval_every=5000,
+    checkpoint_every=5000,
+    optim=dict(lr=7e-4, warmup_steps=4000, schedule="rsqrt"),
+)
+# What trains on Multi30k (29K caption pairs) in about an hour on 2 CPU cores.
+PRESETS["multi30k-small"] = _mt(256, 1024, 4, 3, vocab_size=8000, max_tokens=2048) | dict(
+    steps=3000,
+    eval_every=500,
+    checkpoint_every=500,
+    optim=dict(lr=1e-3, warmup_steps=300, schedule="cosine", min_lr_ratio=0.05),
+)
 # Any local text file, byte level (--data FILE): enwik8-small's model on the user's text.
 PRESETS["text"] = _merge(PRESETS["enwik8-small"], {"task": "text"})
 
@@ -243,12 +299,20 @@ def config_from_dict(data: dict[str, Any], where: str = "config") -> TrainConfig
     data = dict(_strict(TrainConfig, data, where))
     model = _strict(ReformerConfig, dict(data.pop("model", {}) or {}), f"{where} [model]")
     optim = _strict(OptimConfig, dict(data.pop("optim", {}) or {}), f"{where} [optim]")
+    translation = _strict(
+        TranslationConfig, dict(data.pop("translation", {}) or {}), f"{where} [translation]"
+    )
     for key in ("axial_shape", "axial_dims"):
         if isinstance(model.get(key), list):
             model[key] = tuple(model[key])
     if isinstance(data.get("eval_hashes"), list):
         data["eval_hashes"] = tuple(data["eval_hashes"])
-    return TrainConfig(model=ReformerConfig(**model), optim=OptimConfig(**optim), **data)
+    return TrainConfig(
+        model=ReformerConfig(**model),
+        optim=OptimConfig(**optim),
+        translation=TranslationConfig(**translation),
+        **data,
+    )
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

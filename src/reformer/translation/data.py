@@ -1,0 +1,551 @@
+"""Parallel text for translation: reading files, a shared subword tokenizer, batches, BLEU.
+
+Shapes: B sentence pairs in a batch, S padded source length, T padded target length
+(longest target + 1, room for the BOS / EOS shift).
+
+Files are plain text, one sentence per line (Multi30k's ``{split}.{lang}``), or WMT SGML
+(newstest's ``<seg id="1">...</seg>``). Training batches are a pure function of
+``(seed, step)``: pairs are sorted by (source, target) length with a seeded tie-break, cut into
+batches under a padded-token budget, and the batch order is shuffled per epoch, so a resumed
+run reproduces every batch without saved state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import io
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import sacrebleu
+import sentencepiece as spm
+import torch
+
+from reformer.data._common import (
+    IGNORE_INDEX,
+    DataFileNotFoundError,
+    check_file,
+    check_positive,
+    make_generator,
+)
+
+PathLike = str | os.PathLike[str]
+
+_SGML_SUFFIXES = (".sgm", ".sgml")
+_SGML_ROOTS = ("<srcset", "<refset")
+# WMT SGML puts one <seg> per line, but nothing in the format requires it: match across lines.
+_SEG_RE = re.compile(r"<seg\b[^>]*>(.*?)</seg\s*>", re.DOTALL | re.IGNORECASE)
+_MODEL_TYPES = ("unigram", "bpe", "char", "word")
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def read_lines(path: PathLike) -> list[str]:
+    """Sentences of a text file (one per line) or of a WMT SGML file (one per ``<seg>``).
+
+    Text files: UTF-8, trailing whitespace stripped from each line, empty lines kept as ``""``
+    so that two files stay aligned. SGML (suffix ``.sgm``/``.sgml``, or content starting with
+    ``<srcset``/``<refset``): the text of every ``<seg>`` in document order, entities unescaped.
+
+    Raises:
+        DataFileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not UTF-8, or is SGML without any ``<seg>``.
+    """
+    p = check_file(path, "a text file with one sentence per line, or a WMT .sgm file")
+    try:
+        # Decode the bytes ourselves: read_text's universal newlines would split at a lone "\r".
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{str(p)!r} is not valid UTF-8 ({e}); re-encode it as UTF-8") from e
+    text = text.removeprefix("\ufeff")
+    if p.suffix.lower() in _SGML_SUFFIXES or text.lstrip().startswith(_SGML_ROOTS):
+        segments = [html.unescape(m.group(1)).strip() for m in _SEG_RE.finditer(text)]
+        if not segments:
+            raise ValueError(
+                f"{str(p)!r} looks like WMT SGML but has no <seg ...>...</seg> elements; "
+                "pass a plain text file (one sentence per line) or a WMT .sgm file"
+            )
+        return segments
+    lines = text.split("\n")
+    if lines[-1] == "":  # the final newline ends the last line; it does not start another
+        lines.pop()
+    return [line.rstrip() for line in lines]
+
+
+def read_parallel(src_path: PathLike, tgt_path: PathLike) -> list[tuple[str, str]]:
+    """Aligned ``(source, target)`` sentence pairs from two files (text or SGML, see read_lines).
+
+    Raises:
+        ValueError: the files hold different numbers of sentences (both counts are given).
+    """
+    src, tgt = read_lines(src_path), read_lines(tgt_path)
+    if len(src) != len(tgt):
+        raise ValueError(
+            f"source and target are not aligned: {len(src)} sentences in {str(src_path)!r} but "
+            f"{len(tgt)} in {str(tgt_path)!r}; both files need one sentence per line, in order"
+        )
+    return list(zip(src, tgt))
+
+
+def resolve_pair_paths(
+    data_dir: PathLike, split: str, src_lang: str = "en", tgt_lang: str = "de"
+) -> tuple[Path, Path]:
+    """Paths ``data_dir/{split}.{src_lang}`` and ``data_dir/{split}.{tgt_lang}`` (Multi30k layout).
+
+    ``split`` is any file stem present in both languages ("train", "val", "test_2016_flickr").
+    "test" falls back to the only ``test*`` stem when neither ``test.{lang}`` file exists.
+
+    Raises:
+        DataFileNotFoundError: no such directory, or no such split (lists those that exist).
+        ValueError: "test" is ambiguous (several ``test*`` stems and no ``test.{lang}``).
+    """
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DataFileNotFoundError(
+            f"no such directory: {str(root)!r}; expected a folder of {{split}}.{src_lang} and "
+            f"{{split}}.{tgt_lang} files (the Multi30k layout)"
+        )
+    available = sorted(
+        p.name[: -len(src_lang) - 1]
+        for p in root.glob(f"*.{src_lang}")
+        if (root / f"{p.name[: -len(src_lang) - 1]}.{tgt_lang}").is_file()
+    )
+    stem = split
+    no_plain_test = not any((root / f"test.{lang}").exists() for lang in (src_lang, tgt_lang))
+    if split == "test" and no_plain_test:
+        tests = [s for s in available if s.startswith("test")]
+        if len(tests) > 1:
+            raise ValueError(
+                f"split 'test' is ambiguous in {str(root)!r}: there is no test.{src_lang} and "
+                f"several test* pairs ({', '.join(tests)}); pass one of them as the split"
+            )
+        if tests:
+            stem = tests[0]
+    src, tgt = root / f"{stem}.{src_lang}", root / f"{stem}.{tgt_lang}"
+    if stem not in available:
+        missing = " and ".join(p.name for p in (src, tgt) if not p.is_file())
+        raise DataFileNotFoundError(
+            f"no {split!r} split in {str(root)!r}: {missing} not found; "
+            f"splits with both .{src_lang} and .{tgt_lang} files: {', '.join(available) or 'none'}"
+        )
+    return src, tgt
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+class Tokenizer:
+    """A sentencepiece subword model shared by source and target, with fixed special ids.
+
+    ``pad_id=0, bos_id=1, eos_id=2, unk_id=3``, so batches and the model can rely on them.
+    Build one with :meth:`train` or :meth:`load`.
+    """
+
+    PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+
+    def __init__(self, processor: spm.SentencePieceProcessor, path: Path) -> None:
+        specials = (processor.pad_id(), processor.bos_id(), processor.eos_id(), processor.unk_id())
+        expected = (self.PAD_ID, self.BOS_ID, self.EOS_ID, self.UNK_ID)
+        if specials != expected:
+            raise ValueError(
+                f"{str(path)!r}: sentencepiece model has pad/bos/eos/unk ids {specials}, expected "
+                f"{expected}; train the model with Tokenizer.train"
+            )
+        self._sp = processor
+        self.path = path
+
+    @classmethod
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int,
+        path: PathLike,
+        *,
+        model_type: str = "unigram",
+        seed: int = 0,
+        character_coverage: float = 1.0,
+    ) -> Tokenizer:
+        """Train one vocabulary on ``texts`` (source and target sentences together), save it.
+
+        The model file is written to ``path`` atomically (temp file + ``os.replace``). Training
+        is deterministic: every sentence is used (no sampling), in the given order, on one
+        thread. ``vocab_size`` is exact (sentencepiece's hard limit), so a size the data cannot
+        fill is an error rather than a silently smaller vocabulary.
+
+        Raises:
+            ValueError: bad argument, no non-empty text, or ``vocab_size`` too large for it.
+        """
+        check_positive("vocab_size", vocab_size)
+        if vocab_size <= cls.UNK_ID + 1:
+            raise ValueError(f"vocab_size must be > 4 (the 4 special tokens), got {vocab_size}")
+        if model_type not in _MODEL_TYPES:
+            raise ValueError(
+                f"model_type must be one of {', '.join(_MODEL_TYPES)}, got {model_type!r}"
+            )
+        if not 0.0 < character_coverage <= 1.0:
+            raise ValueError(f"character_coverage must be in (0, 1], got {character_coverage!r}")
+        sentences = [t for t in texts if t.strip()]  # sentencepiece skips empty ones anyway
+        if not sentences:
+            raise ValueError("no non-empty sentences to train the tokenizer on")
+        out = Path(path).expanduser()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Nothing below samples (input_sentence_size=0 keeps all, no shuffle); the seed is set
+        # so that any sentencepiece randomness is pinned too.
+        spm.set_random_generator_seed(int(seed))
+        model = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(sentences),
+                model_writer=model,
+                vocab_size=vocab_size,
+                model_type=model_type,
+                character_coverage=character_coverage,
+                pad_id=cls.PAD_ID,
+                bos_id=cls.BOS_ID,
+                eos_id=cls.EOS_ID,
+                unk_id=cls.UNK_ID,
+                input_sentence_size=0,
+                shuffle_input_sentence=False,
+                hard_vocab_limit=True,
+                num_threads=1,
+                minloglevel=2,
+            )
+        except RuntimeError as e:
+            if "Vocabulary size too high" in str(e):
+                raise ValueError(
+                    f"vocab_size={vocab_size} is too large for these {len(sentences)} sentences "
+                    f"({e}); choose a smaller vocab_size"
+                ) from e
+            raise
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(model.getvalue())
+            os.replace(tmp, out)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return cls.load(out)
+
+    @classmethod
+    def load(cls, path: PathLike) -> Tokenizer:
+        """Load a model written by :meth:`train`.
+
+        Raises:
+            DataFileNotFoundError: ``path`` does not exist.
+            ValueError: not a sentencepiece model, or other special ids.
+        """
+        p = check_file(path, "a sentencepiece model written by Tokenizer.train (spm.model)")
+        processor = spm.SentencePieceProcessor()
+        try:
+            processor.Load(str(p))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{str(p)!r} is not a sentencepiece model ({e})") from e
+        return cls(processor, p)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, special ones included."""
+        return self._sp.vocab_size()
+
+    @property
+    def pad_id(self) -> int:
+        """Padding id (0)."""
+        return self.PAD_ID
+
+    @property
+    def bos_id(self) -> int:
+        """Beginning-of-sentence id (1), the first decoder input."""
+        return self.BOS_ID
+
+    @property
+    def eos_id(self) -> int:
+        """End-of-sentence id (2), the last decoder target."""
+        return self.EOS_ID
+
+    @property
+    def unk_id(self) -> int:
+        """Unknown-piece id (3)."""
+        return self.UNK_ID
+
+    def encode(self, text: str) -> list[int]:
+        """Subword ids of ``text``, without BOS/EOS."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__}; use encode_batch")
+        return self._sp.encode(text, out_type=int)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """:meth:`encode` of each text."""
+        return self._sp.encode(list(texts), out_type=int)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids`` (ints or a 1-D tensor): PAD and BOS are dropped, the first EOS ends it.
+
+        Raises:
+            ValueError: an id outside ``[0, vocab_size)`` before the first EOS.
+        """
+        kept = []
+        for raw in ids:
+            i = int(raw)
+            if i == self.EOS_ID:
+                break
+            if i in (self.PAD_ID, self.BOS_ID):
+                continue
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
+            kept.append(i)
+        return self._sp.decode(kept)
+
+    def decode_batch(self, rows: Iterable[Sequence[int]]) -> list[str]:
+        """:meth:`decode` of each row (e.g. of a (B, T) tensor of generated ids)."""
+        return [self.decode(row) for row in rows]
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(path={str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Padded sentence pairs, teacher-forcing layout.
+
+    For target ids ``y1..yn``: ``tgt_in`` is ``[bos, y1..yn]`` and ``tgt_out`` is
+    ``[y1..yn, eos]``, so position t of the decoder predicts ``tgt_out[:, t]``.
+    """
+
+    src: torch.Tensor  # (B, S) long, source ids right-padded with pad_id
+    tgt_in: torch.Tensor  # (B, T) long, [bos] + target ids, right-padded with pad_id
+    tgt_out: torch.Tensor  # (B, T) long, target ids + [eos], right-padded with IGNORE_INDEX
+    index: torch.Tensor  # (B,) long, position of each pair in ParallelData.pairs
+    pad_id: int = 0
+
+    @property
+    def src_mask(self) -> torch.Tensor:
+        """(B, S) bool, True at real source tokens."""
+        return self.src != self.pad_id
+
+    @property
+    def tgt_mask(self) -> torch.Tensor:
+        """(B, T) bool, True at real target positions (of both tgt_in and tgt_out)."""
+        return self.tgt_out != IGNORE_INDEX
+
+    def __len__(self) -> int:
+        return self.src.shape[0]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """The same batch with every tensor on ``device``."""
+        return dataclasses.replace(
+            self,
+            src=self.src.to(device, non_blocking=non_blocking),
+            tgt_in=self.tgt_in.to(device, non_blocking=non_blocking),
+            tgt_out=self.tgt_out.to(device, non_blocking=non_blocking),
+            index=self.index.to(device, non_blocking=non_blocking),
+        )
+
+
+class ParallelData:
+    """Token-id sentence pairs and the batches made from them.
+
+    With ``max_len``, a pair is *long* if its source has more than ``max_len`` ids or its
+    target more than ``max_len - 1`` (decoder rows are target + 1). Training skips long pairs
+    (``drop_long=True``, counted in ``dropped``) or truncates them (``drop_long=False``).
+    Training also skips pairs with an empty source: an all-padding source row leaves the
+    encoder and cross-attention nothing to attend to. :meth:`eval_batches` keeps every pair,
+    truncated to ``max_len``, so an empty source there gives a row whose ``src_mask`` is all
+    False (S is at least 1).
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+        *,
+        pad_id: int = 0,
+        bos_id: int = 1,
+        eos_id: int = 2,
+        max_len: int | None = None,
+        drop_long: bool = True,
+    ) -> None:
+        if len({pad_id, bos_id, eos_id}) != 3:
+            raise ValueError(f"pad/bos/eos ids must differ, got {pad_id}, {bos_id}, {eos_id}")
+        if max_len is not None and (
+            isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2
+        ):
+            raise ValueError(f"max_len must be None or an integer >= 2, got {max_len!r}")
+        self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
+        self.max_len = max_len
+        self.drop_long = drop_long
+        self.pairs: list[tuple[list[int], list[int]]] = []
+        for i, (src, tgt) in enumerate(pairs):
+            src, tgt = [int(x) for x in src], [int(x) for x in tgt]
+            for side, ids in (("source", src), ("target", tgt)):
+                if ids and (min(ids) < 0 or pad_id in ids):
+                    raise ValueError(
+                        f"pair {i}: {side} ids must be >= 0 and never pad_id={pad_id} (which "
+                        f"marks padding), got {ids[:20]}"
+                    )
+            self.pairs.append((src, tgt))
+
+        src_len = torch.tensor([len(s) for s, _ in self.pairs], dtype=torch.long)
+        tgt_len = torch.tensor([len(t) + 1 for _, t in self.pairs], dtype=torch.long)
+        keep = src_len > 0
+        if max_len is not None:
+            if drop_long:
+                keep &= (src_len <= max_len) & (tgt_len <= max_len)
+            src_len, tgt_len = src_len.clamp(max=max_len), tgt_len.clamp(max=max_len)
+        self._src_len, self._tgt_len = src_len, tgt_len  # (N,) lengths after truncation
+        self.train_indices = torch.nonzero(keep).flatten()  # (N_train,) pairs used in training
+        self.dropped = len(self.pairs) - len(self.train_indices)
+        self._bounds: tuple[int, list[tuple[int, int]]] | None = None  # (max_tokens, cuts)
+        self._plan: tuple[tuple[int, int, int], list[torch.Tensor]] | None = None
+
+    @classmethod
+    def from_text(
+        cls,
+        pairs: Sequence[tuple[str, str]],
+        tokenizer: Tokenizer,
+        max_len: int | None = None,
+        *,
+        drop_long: bool = True,
+    ) -> ParallelData:
+        """Encode ``(source, target)`` sentences with ``tokenizer`` (its special ids are used)."""
+        src = tokenizer.encode_batch([s for s, _ in pairs])
+        tgt = tokenizer.encode_batch([t for _, t in pairs])
+        return cls(
+            list(zip(src, tgt)),
+            pad_id=tokenizer.pad_id,
+            bos_id=tokenizer.bos_id,
+            eos_id=tokenizer.eos_id,
+            max_len=max_len,
+            drop_long=drop_long,
+        )
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def batches_per_epoch(self, max_tokens: int) -> int:
+        """Training batches in one epoch under ``max_tokens`` (the same for every epoch)."""
+        return len(self._train_bounds(max_tokens))
+
+    def batch_at(self, step: int, max_tokens: int, seed: int) -> Batch:
+        """The training batch of global step ``step``; a pure function of its arguments.
+
+        Each epoch sorts the training pairs by (source, target) length, ties broken by a
+        permutation seeded with ``(seed, epoch)``, cuts that order into batches whose padded
+        size ``B * max(S, T)`` is at most ``max_tokens``, and shuffles the batch order with the
+        same generator. Ties only swap pairs of equal lengths, so the cuts, and the number of
+        batches per epoch, are the same in every epoch: ``epoch, i = divmod(step, n_batches)``.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an integer >= 0, got {step!r}")
+        bounds = self._train_bounds(max_tokens)
+        epoch, i = divmod(step, len(bounds))
+        key = (epoch, max_tokens, int(seed))
+        if self._plan is None or self._plan[0] != key:
+            gen = make_generator(seed, "translation.train", epoch)
+            idx = self.train_indices[torch.randperm(len(self.train_indices), generator=gen)]
+            # A stable sort keeps the random order among pairs of equal lengths.
+            idx = idx[torch.sort(self._length_key(idx), stable=True).indices]
+            order = torch.randperm(len(bounds), generator=gen).tolist()
+            self._plan = (key, [idx[bounds[j][0] : bounds[j][1]] for j in order])
+        return self._collate(self._plan[1][i])
+
+    def eval_batches(self, max_tokens: int) -> Iterator[Batch]:
+        """Every pair once, in the original order, consecutive pairs grouped under max_tokens.
+
+        ``Batch.index`` says which pair each row is, to put translations back in order.
+        Raises ValueError at the call (not at the first batch) if a pair cannot fit.
+        """
+        bounds = self._cut(torch.arange(len(self.pairs)), max_tokens)
+        return (self._collate(torch.arange(a, b)) for a, b in bounds)
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _train_bounds(self, max_tokens: int) -> list[tuple[int, int]]:
+        """Batch cuts ``[(start, end)]`` of the length-sorted training order (cached)."""
+        if self._bounds is None or self._bounds[0] != max_tokens:
+            if len(self.train_indices) == 0:
+                raise ValueError(
+                    f"no training pairs: {len(self.pairs)} pairs, {self.dropped} dropped as empty "
+                    f"or longer than max_len={self.max_len}; raise max_len or check the data"
+                )
+            idx = self.train_indices
+            self._bounds = (max_tokens, self._cut(idx[self._length_key(idx).argsort()], max_tokens))
+        return self._bounds[1]
+
+    def _length_key(self, idx: torch.Tensor) -> torch.Tensor:
+        """(N,) sort key of pairs ``idx`` (N,): by source length, then target length."""
+        return self._src_len[idx] * (int(self._tgt_len.max()) + 1) + self._tgt_len[idx]
+
+    def _cut(self, idx: torch.Tensor, max_tokens: int) -> list[tuple[int, int]]:
+        """Greedy cuts of ``idx`` (N,) into runs with ``len * max(S, T) <= max_tokens``."""
+        check_positive("max_tokens", max_tokens)
+        # S and T of a batch are maxima over its rows, so B * max(S, T) = B * max_i max(s_i, t_i).
+        cost = torch.maximum(self._src_len[idx], self._tgt_len[idx]).tolist()
+        bounds, start, widest = [], 0, 0
+        for j, c in enumerate(cost):
+            if c > max_tokens:
+                raise ValueError(
+                    f"pair {int(idx[j])} needs {c} padded tokens, more than max_tokens="
+                    f"{max_tokens}; raise max_tokens or set max_len <= max_tokens"
+                )
+            if (j - start + 1) * max(widest, c) > max_tokens:
+                bounds.append((start, j))
+                start, widest = j, 0
+            widest = max(widest, c)
+        if start < len(cost):
+            bounds.append((start, len(cost)))
+        return bounds
+
+    def _collate(self, idx: torch.Tensor) -> Batch:
+        """Pad the pairs ``idx`` (B,) into a :class:`Batch`, truncating to max_len if set."""
+        s_max, t_max = (None, None) if self.max_len is None else (self.max_len, self.max_len - 1)
+        rows = [(self.pairs[i][0][:s_max], self.pairs[i][1][:t_max]) for i in idx.tolist()]
+        S = max(1, *(len(s) for s, _ in rows))
+        T = 1 + max(len(t) for _, t in rows)
+        pad, ign = self.pad_id, IGNORE_INDEX
+        src = [s + [pad] * (S - len(s)) for s, _ in rows]
+        tgt_in = [[self.bos_id, *t] + [pad] * (T - 1 - len(t)) for _, t in rows]
+        tgt_out = [[*t, self.eos_id] + [ign] * (T - 1 - len(t)) for _, t in rows]
+        return Batch(
+            src=torch.tensor(src, dtype=torch.long),  # (B, S)
+            tgt_in=torch.tensor(tgt_in, dtype=torch.long),  # (B, T)
+            tgt_out=torch.tensor(tgt_out, dtype=torch.long),  # (B, T)
+            index=idx.to(torch.long).clone(),  # (B,)
+            pad_id=pad,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Metric
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> tuple[float, str]:
+    """Corpus BLEU of detokenised text with sacrebleu's defaults (13a tokenisation, one ref).
+
+    Returns:
+        ``(score in [0, 100], signature)``, e.g. ``"nrefs:1|case:mixed|eff:no|tok:13a|..."``.
+
+    Raises:
+        ValueError: different numbers of hypotheses and references, or none.
+    """
+    if len(hypotheses) != len(references):
+        raise ValueError(
+            f"{len(hypotheses)} hypotheses but {len(references)} references; "
+            "give one translation per reference sentence"
+        )
+    if not hypotheses:
+        raise ValueError("bleu needs at least one hypothesis/reference pair")
+    metric = sacrebleu.metrics.BLEU()
+    result = metric.corpus_score(list(hypotheses), [list(references)])
+    return float(result.score), str(metric.get_signature())
