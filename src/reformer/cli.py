@@ -53,16 +53,8 @@ verbs:
 
 
 # --- train -------------------------------------------------------------------------------------
-def cmd_train(argv: list[str]) -> int:
-    if "--list-presets" in argv:
-        for name, p in PRESETS.items():
-            m = p.get("model", {})
-            print(
-                f"{name:18} task={p.get('task')} seq_len={p.get('seq_len')} "
-                f"layers={m.get('n_layers')} d_model={m.get('d_model')} "
-                f"attention={m.get('attention')}"
-            )
-        return 0
+def parse_train_args(argv: list[str]) -> TrainConfig:
+    """`reformer train` flags -> the resolved TrainConfig (defaults < preset < file < flags)."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset")
     pre.add_argument("--config")
@@ -73,7 +65,7 @@ def cmd_train(argv: list[str]) -> int:
     if known.config:
         layers = _merge(layers, load_config_file(known.config) | {"config": known.config})
     default = config_from_dict(layers, where=known.config or "preset")
-    cfg = tyro.cli(
+    return tyro.cli(
         TrainConfig,
         default=default,
         args=argv,
@@ -81,6 +73,19 @@ def cmd_train(argv: list[str]) -> int:
         description="Train a Reformer. Layers: defaults < --preset < --config FILE < flags. "
         "`--list-presets` lists the presets.",
     )
+
+
+def cmd_train(argv: list[str]) -> int:
+    if "--list-presets" in argv:
+        for name, p in PRESETS.items():
+            m = p.get("model", {})
+            print(
+                f"{name:18} task={p.get('task')} seq_len={p.get('seq_len')} "
+                f"layers={m.get('n_layers')} d_model={m.get('d_model')} "
+                f"attention={m.get('attention')}"
+            )
+        return 0
+    cfg = parse_train_args(argv)
     # Under torchrun: one process group for the whole run, destroyed when train() returns;
     # every rank trains, rank 0 alone reports below.
     with process_group(resolve_device(cfg.device)) as (rank, world_size):
