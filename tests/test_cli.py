@@ -168,6 +168,20 @@ def test_every_preset_trains_at_tiny_size(preset, tmp_path):
     """Each preset's own architecture (layer pattern, attention kinds, task, optimiser),
     with sizes cut down, trains two steps and evaluates: presets cannot rot."""
     p = PRESETS[preset]
+    if p["task"] == "translation":
+        from test_translation_cli import write_corpus
+
+        args = ["train", "--preset", preset, "--steps", "2", "--eval-every", "2",
+                "--data", str(write_corpus(tmp_path)), "--out", str(tmp_path / "run"),
+                "--model.d-model", "16", "--model.d-ff", "32", "--model.n-heads", "2",
+                "--translation.vocab-size", "60", "--translation.max-tokens", "128",
+                "--no-progress"]  # fmt: skip
+        assert main(args) == 0
+        recs = [
+            json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        ]
+        assert any("eval_bleu" in r for r in recs)
+        return
     data = _data_files(tmp_path)[p["task"]]
     seq = 48 if p["task"] == "images" else 32
     side = ["--image-side", "4"] if p["task"] == "images" else ["--seq-len", str(seq)]
