@@ -17,6 +17,7 @@ import argparse
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -142,7 +143,7 @@ def experiments(data: Path) -> dict[str, Experiment]:
                 "--batch-size",
                 "2",
                 "--steps",
-                "400",
+                "300",
                 "--eval-every",
                 "50",
                 "--eval-batches",
@@ -223,7 +224,8 @@ def step_seconds(exp: Experiment, run: Run, scratch: Path, steps: int = 30) -> f
     """Median seconds per training step, measured alone in a fresh process (10-step windows
     after the first), so the equal-wall-clock comparison does not depend on what else the
     machine did while the real run trained."""
-    scratch.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(scratch, ignore_errors=True)  # a fresh run every time
+    scratch.mkdir(parents=True)
     reformer(
         "train",
         *exp.common,
@@ -352,7 +354,7 @@ def summarise_duplication(exp: Experiment, root: Path, evals: dict, wall: dict) 
 
 def summarise_bpc(exp: Experiment, root: Path, evals: dict, wall: dict, extra: dict) -> str:
     base = exp.runs[0].name
-    bpc = {name: rows[0]["bits"] for name, rows in evals.items()}
+    bpc = {name: rows[0]["bpc"] for name, rows in evals.items()}
     lines = [
         "| run | val bpc (32 batches) | minus " + base + " | s/step | training wall-clock |",
         "|---|---|---|---|---|",
@@ -368,7 +370,7 @@ def summarise_bpc(exp: Experiment, root: Path, evals: dict, wall: dict, extra: d
 
 def at_time(run_dir: Path, sec_per_step: float, budget_s: float) -> tuple[int, float]:
     """The last evaluation reached within `budget_s` of training at `sec_per_step`."""
-    steps, values = eval_curve(run_dir, "eval_bits")
+    steps, values = eval_curve(run_dir, "eval_bpc")
     best = [(s, v) for s, v in zip(steps, values) if s * sec_per_step <= budget_s + 1e-9]
     return best[-1] if best else (0, float("nan"))
 
@@ -422,7 +424,7 @@ def run_experiment(name: str, data: Path, results: Path) -> dict:
             )
             for k, v in summary["causality_max_logit_change"].items():
                 text += f"- {k}: {v:.3g}\n"
-        plot(exp, root, "eval_bits", "validation bits per character", seconds)
+        plot(exp, root, "eval_bpc", "validation bits per character", seconds)
     summary["table_md"] = text
     atomic_write(summary_path, json.dumps(summary, indent=2))
     atomic_write(root / "summary.md", f"# {exp.title}\n\n`{summary['command']}`\n\n{text}\n")
