@@ -143,3 +143,40 @@ def test_chunk_attention_core_matches_plain_autograd(rows, monkeypatch):
     ref = torch.autograd.grad((ref_out * g_out).sum() + (ref_lse * g_lse).sum(), (q, k, v))
     for a, b in zip(ours, ref):
         assert (a - b).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("mode,causal", MODES)
+@pytest.mark.parametrize("n_hashes", [1, 3])
+def test_lsh_core_head_groups_and_row_slices(mode, causal, n_hashes, monkeypatch):
+    """Tiny group and slice sizes: heads split across groups and rows across slices (a
+    slice boundary inside a round, and windows that look back across heads) change
+    nothing."""
+    from reformer.attention import chunked, lsh
+
+    monkeypatch.setattr(lsh, "GROUP_ENTRIES", 1)  # one head per group
+    monkeypatch.setattr(chunked, "SLICE_ENTRIES", 3 * 4 * 8)  # 3 rows of (C=4, 2C=8)
+    qk, v, mask = _inputs(2, 3, 41, 5, padded=True)
+    rot = draw_rotations(3, 5, n_hashes, 8, dtype=F64)
+    _compare(qk, v, mask, rot, chunk_len=4, causal=causal, mode=mode)
+    monkeypatch.setattr(lsh, "GROUP_ENTRIES", 2 * n_hashes * 44 * 5)  # two heads per group
+    _compare(qk, v, mask, rot, chunk_len=4, causal=causal, mode=mode)
+
+
+@pytest.mark.parametrize("mode,causal", MODES)
+def test_lsh_float32_against_float64_reference(mode, causal):
+    """float32 keeps float32 accuracy, also for tokens whose only candidate is themselves
+    (the self score is -1e5: no normaliser of that size may enter a subtraction)."""
+    torch.manual_seed(0)
+    qk64, v64, mask = _inputs(2, 2, 45, 12, padded=True)
+    rot = draw_rotations(2, 12, 3, 8)
+    kw = dict(chunk_len=4, causal=causal, mode=mode, attention_mask=mask)
+    qk32, v32 = (x.detach().float().requires_grad_() for x in (qk64, v64))
+    out = lsh_attention(qk32, v32, rot, **kw)
+    ref = lsh_attention_reference(qk64, v64, tuple(r.double() for r in rot), **kw)
+    real = mask[:, None, :, None]
+    assert (out.double() - ref).masked_fill(~real, 0).abs().max() < 1e-5
+    up = torch.randn_like(ref) * real
+    g32 = torch.autograd.grad(out, (qk32, v32), up.float())
+    g64 = torch.autograd.grad(ref, (qk64, v64), up)
+    for a, b in zip(g32, g64):
+        assert (a.double() - b).abs().max() < 1e-4

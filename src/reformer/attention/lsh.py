@@ -13,20 +13,31 @@ Both keep j <= i when causal, drop padded keys, and give j == i the score SELF_S
 Scores are s_ij = qk_i . qk_j / |qk_j| - log N_ij, with N_ij the number of rounds whose
 candidate set holds j; combining rounds by their log-sum-exps is then exactly softmax over
 the union of the candidate sets (`reference.lsh_attention_reference` builds that union).
+
+The core (`_LSHCore`) is one autograd function that works head group by head group in the
+sorted domain:
+  - one gather of q, k and v per head into sorted order; the key and value windows (a chunk
+    and the one before it) are overlapping strided views of the sorted rows, never copies;
+  - an int8 code per (query, key) pair of the window layout: 0 if j is not in S_r(i), else
+    N_ij. Only the codes, the sort order, the output and each query's log-normaliser are kept
+    for the backward pass, which recomputes scores and probabilities slice by slice (as
+    flash attention does);
+  - the backward pass needs no per-round outputs: with P_rij = exp(s_rij - LSE_i) / N_ij
+    (LSE_i the log-normaliser of the union), dS_rij = P_rij (dO_i . v_j - dO_i . O_i).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import Tensor
 
-from .chunked import chunk_attention, row_slices
+from .chunked import row_slices
 from .common import (
     MASK_SCORE,
     SELF_SCORE,
-    look_one_back,
     pad_to,
     padded_length,
     unit_keys,
@@ -37,6 +48,11 @@ from .common import (
 # Bucket counts above this are factorised as K1 * K2 with K1 ~ K2 ~ sqrt(K): hashing costs
 # O(L * (K1 + K2)) instead of O(L * K), which matters because K grows with L.
 FACTORISE_ABOVE = 128
+
+# Heads (B * H of them) are processed in groups of about this many sorted-slot values
+# (heads x R x Lp x D): the sorted copies of q, k, v and their gradients exist for one group
+# at a time, which bounds the working set whatever the batch and the number of heads.
+GROUP_ENTRIES = 1 << 22
 
 
 def auto_n_buckets(length: int, chunk_len: int) -> int:
@@ -119,147 +135,302 @@ def lsh_attention(
         (B, H, L, D). Outputs at padded positions are finite but meaningless.
     """
     assert mode in ("window", "chunk"), mode
+    assert causal or mode == "chunk", "window mode is strictly causal: it needs causal=True"
     B, H, L, D = qk.shape
     C = chunk_len
     R = rotations[0].shape[2]
     K = math.prod(2 * r.shape[-1] for r in rotations)
     Lp = padded_length(L, C)
-    N = Lp // C
-    S = R * Lp
-    device = qk.device
 
     qk = pad_to(qk, Lp, dim=2)  # (B, H, Lp, D)
     v = pad_to(v, Lp, dim=2)
-    valid = valid_positions(B, L, Lp, attention_mask, device)  # (B, Lp)
-
-    # 1. Hash; padded positions get bucket K of their own, so they sort after every real
-    #    token and never change the chunks real tokens fall in.
-    buckets = hash_vectors(qk, rotations)  # (B, H, R, Lp)
-    buckets = buckets.masked_fill(~valid[:, None, None, :], K)
-    # Round-qualified bucket id: equal ids mean same round *and* same bucket.
-    rb = buckets + torch.arange(R, device=device)[:, None] * (K + 1)  # (B, H, R, Lp)
-
-    # 2. Sort by (round, bucket, position). sticker: sorted slot -> r * Lp + position.
-    pos = torch.arange(Lp, device=device)
-    sort_key = (rb * Lp + pos).flatten(2)  # (B, H, S)
-    sorted_key, sticker = sort_key.sort(dim=-1)
-    undo = torch.empty_like(sticker)  # (r * Lp + position) -> sorted slot
-    undo.scatter_(-1, sticker, torch.arange(S, device=device).expand_as(sticker))
-    pos_s = sticker % Lp  # (B, H, S) position of each sorted slot
-    rb_s = sorted_key // Lp  # (B, H, S) round-qualified bucket of each slot
-
-    def gather_rows(x: Tensor) -> Tensor:  # (B, H, Lp, D) -> (B, H, R * N, C, D)
-        return x.gather(2, pos_s[..., None].expand(-1, -1, -1, x.shape[-1])).view(
-            B, H, R * N, C, x.shape[-1]
-        )
-
-    M = B * H * R * N  # rows: independent (query chunk, key window) pairs
-    q_c = gather_rows(qk).view(M, C, D)
-    k_c = look_one_back(gather_rows(unit_keys(qk)), dim=-2).view(M, 2 * C, D)
-    v_c = look_one_back(gather_rows(v), dim=-2).view(M, 2 * C, D)
-
-    # 3-4. Each (query, key) pair of the layout gets an int8 code: 0 if j is not in S_r(i),
-    #      else N_ij (the number of rounds whose candidate set holds j), or R + 1 for j == i.
-    code = _pair_codes(pos_s, rb_s, undo, buckets, R=R, N=N, C=C, K=K, mode=mode, causal=causal)
-
-    # 5. Scores q.k + lut[code]: masked, - log N_ij (exact duplicate correction), and the
-    #    self score (added to q.k_i: exp(SELF_SCORE) underflows exactly as an override would).
-    dtype = upcast(qk[:1, :1, :1, :1]).dtype
-    counts = torch.arange(1, R + 1, device=device, dtype=dtype)
-    lut = torch.cat(
-        [
-            torch.tensor([MASK_SCORE], device=device, dtype=dtype),
-            -torch.log(counts),
-            torch.tensor([SELF_SCORE], device=device, dtype=dtype) - math.log(R),
-        ]
+    valid = valid_positions(B, L, Lp, attention_mask, qk.device)  # (B, Lp)
+    # Padded positions get bucket K of their own, so they sort after every real token and
+    # never change the chunks real tokens fall in.
+    with torch.no_grad():
+        buckets = hash_vectors(qk, rotations).masked_fill(~valid[:, None, None, :], K)
+    keys = unit_keys(qk)
+    out = _LSHCore.apply(
+        qk.reshape(B * H, Lp, D),
+        keys.reshape(B * H, Lp, D),
+        v.reshape(B * H, Lp, D),
+        buckets.reshape(B * H, R, Lp),
+        K,
+        C,
+        mode,
+        causal,
     )
-    out_c, lse = chunk_attention(q_c, k_c, v_c, code, lut)  # (M, C, D), (M, C)
+    return out.view(B, H, Lp, D)[:, :, :L]
 
-    # 6. Unsort and combine the rounds by their log-sum-exps.
-    out = out_c.reshape(B, H, S, D).gather(2, undo[..., None].expand(-1, -1, -1, D))
-    out = out.view(B, H, R, Lp, D)
-    lse = lse.reshape(B, H, S).gather(2, undo).view(B, H, R, Lp)
-    weights = torch.softmax(lse, dim=2).to(out.dtype)  # (B, H, R, Lp)
-    out = (out * weights[..., None]).sum(dim=2)  # (B, H, Lp, D)
-    return out[:, :, :L]
+
+def _head_groups(n_heads: int, per_head: int) -> list[slice]:
+    step = max(1, GROUP_ENTRIES // max(1, per_head))
+    return [slice(a, min(a + step, n_heads)) for a in range(0, n_heads, step)]
+
+
+def _windows(buf: Tensor, first_row: int, rows: int, chunk_len: int) -> Tensor:
+    """(rows, 2C, ...) overlapping view of a sorted buffer that starts with C filler slots:
+    window m is the slots of chunk m - 1 and chunk m, i.e. buffer slots [mC, mC + 2C)."""
+    inner = buf.stride(0)
+    return buf.as_strided(
+        (rows, 2 * chunk_len, *buf.shape[1:]),
+        (chunk_len * inner, *buf.stride()),
+        buf.storage_offset() + first_row * chunk_len * inner,
+    )
+
+
+def _with_filler(x: Tensor, chunk_len: int, value: int | float = 0) -> Tensor:
+    """x (S, ...) -> (C + S, ...) with C filler slots in front (the look-back of row 0)."""
+    buf = x.new_empty((chunk_len + x.shape[0], *x.shape[1:]))
+    buf[:chunk_len] = value
+    buf[chunk_len:] = x
+    return buf
 
 
 @torch.no_grad()
-def _pair_codes(
-    pos_s: Tensor,
-    rb_s: Tensor,
-    undo: Tensor,
-    buckets: Tensor,
-    *,
-    R: int,
-    N: int,
-    C: int,
-    K: int,
-    mode: str,
-    causal: bool,
-) -> Tensor:
-    """int8 codes (B * H * R * N, C, 2C) of the chunk + one-back layout, slice by slice.
+def _group_layout(
+    buckets: Tensor, n_buckets: int, chunk_len: int, mode: str, causal: bool, codes: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Sort a group of G heads and write their pair codes.
 
-    pos_s, rb_s: (B, H, S) position and round-qualified bucket of each sorted slot;
-    undo: (B, H, S) sorted slot of (r * Lp + position); buckets: (B, H, R, Lp).
-
-    N_ij uses a per-round int32 key e_r(x) such that j is in S_r(i) exactly when
-    0 <= e_r(i) - e_r(j) <= T:
-      chunk:  e = chunk index of x in round r's sorted order, T = 1;
-      window: e = bucket * (Lp + C + 1) + sorted slot, T = C (slots of one bucket are
-              consecutive, and the spacing keeps different buckets more than C apart).
+    buckets: (G, R, Lp), padding in bucket K = n_buckets. codes: (G * R * N, C, 2C) int8,
+    written: 0 if key j of the row's window is not in S_r(i), else N_ij.
+    Returns src (G * S,): the row of (G * Lp) each sorted slot reads, and undo (G * R * Lp,):
+    the sorted slot of each (head, round, position). Slots are ordered by (head, round,
+    bucket, position).
     """
-    B, H, S = pos_s.shape
-    Lp = S // R
-    M = B * H * R * N
-    device = pos_s.device
+    G, R, Lp = buckets.shape
+    C, K = chunk_len, n_buckets
+    S = R * Lp
+    device = buckets.device
+    # Head- and round-qualified bucket id: equal ids mean same head, round and bucket.
+    qual = (torch.arange(G, device=device)[:, None] * R + torch.arange(R, device=device)) * (K + 1)
+    rb = (buckets + qual[..., None]).view(-1)  # (G * S,) in (head, round, position) order
+    rb_s, order = torch.sort(rb, stable=True)  # stable: positions ascend within a bucket
+    src = (order // S) * Lp + order % Lp
+    undo = torch.empty_like(order)
+    undo[order] = torch.arange(order.numel(), device=device)
+    real_s = (rb_s % (K + 1)) != K  # (G * S,) the slot holds a real token
 
-    def rows(x: Tensor) -> tuple[Tensor, Tensor]:  # (..., S) -> (rows, C), (rows, 2C)
-        x = x.reshape(-1, R * N, C)
-        return x.reshape(-1, C), look_one_back(x, dim=-1).reshape(-1, 2 * C)
-
-    q_pos, k_pos = rows(pos_s)
-    q_rb, k_rb = rows(rb_s)
-    first = (torch.arange(M, device=device) % N) == 0  # each round's first chunk
-    back_half = torch.arange(2 * C, device=device) < C
-    # sorted-slot distance from the query back to the key: C + c - w, whatever the row
-    back = C + torch.arange(C, device=device)[:, None] - torch.arange(2 * C, device=device)
-    band = (back >= 0) & (back <= C)  # (C, 2C) window: the C nearest earlier slots
-
-    slots = undo.view(B, H, R, Lp) - (torch.arange(R, device=device) * Lp)[:, None]
+    # e(x) per round: j is in S_r(i) exactly when 0 <= e_r(i) - e_r(j) <= T.
+    #   chunk:  e = chunk index in sorted order, T = 1;
+    #   window: e = sorted slot + bucket id * (C + 1), T = C: the slots of one bucket are
+    #           consecutive, and the spacing puts different buckets more than C apart.
+    slot = torch.arange(G * S, device=device)
     if mode == "chunk":
-        keys, T = slots.div(C, rounding_mode="floor"), 1
+        e_slot, T = slot.div(C, rounding_mode="floor"), 1
     else:
-        keys, T = buckets * (Lp + C + 1) + slots, C
-    keys = keys.to(torch.int32)  # (B, H, R, Lp)
-    q_idx = pos_s.view(B, H, S)
-    e_q = torch.stack([keys[:, :, r].gather(2, q_idx) for r in range(R)])  # (R, B, H, S)
-    e_q, e_k = rows(e_q.view(R * B, H, S))  # (R*M, C), (R*M, 2C): round-major
-    e_q, e_k = e_q.view(R, M, C), e_k.view(R, M, 2 * C)
+        e_slot, T = slot + rb_s * (C + 1), C
+    e_tok = e_slot[undo].view(G, R, Lp)  # e of each (head, round, position)
+    # e of every round for the token in each sorted slot, doubled so that one test suffices:
+    # 0 <= d <= T  <=>  |2 d - T| <= T.
+    e_all = (2 * e_tok).transpose(0, 1).reshape(R, G * Lp)[:, src].to(torch.int32)  # (R, G*S)
+    e_q = e_all - T
+    e_k = torch.cat([e_all.new_zeros(R, C), e_all], dim=1)  # with filler slots
 
-    code = torch.empty(M, C, 2 * C, dtype=torch.int8, device=device)
-    # Rows come in blocks of N chunks of one (batch, head, round); slices stay inside a block,
-    # so a slice's own round r is known: an allowed pair is in S_r(i) by construction, and
-    # only the other R - 1 rounds need counting.
-    for block in range(M // N):
-        r_own = block % R
-        for part in row_slices(N, C * 2 * C):
-            sl = slice(block * N + part.start, block * N + part.stop)
-            qp, kp = q_pos[sl, :, None], k_pos[sl, None, :]
-            kr = k_rb[sl, None, :]
-            ok = (kr % (K + 1)) != K  # padded keys sit in bucket K
-            ok = ok & ~(first[sl, None, None] & back_half)  # no wrap into another round
-            if mode == "window":
-                ok = ok & (q_rb[sl, :, None] == kr) & band
-            if causal:
-                ok = ok & (kp <= qp)
-            ok = ok.expand(qp.shape[0], C, 2 * C)
-            count = ok.to(torch.int8)  # (m, C, 2C): round r_own itself
-            for r in range(R):
-                if r != r_own:
-                    d = e_q[r, sl, :, None] - e_k[r, sl, None, :]
-                    count += (d >= 0) & (d <= T)
-            count.masked_fill_(~ok, 0)
-            count.masked_fill_(ok & (qp == kp), R + 1)
-            code[sl] = count
-    return code
+    rows = G * R * (Lp // C)
+    if mode == "window":
+        # Candidates sit in a band of the (C, 2C) layout: query c, key c + t, t = 0..C (the C
+        # nearest earlier slots and itself). Same-bucket keys in it are earlier positions.
+        q_id = torch.where(real_s, rb_s, -2).to(torch.int32)  # padded queries match nothing
+        k_id = _with_filler(rb_s.to(torch.int32), C, -1)
+        codes.zero_()
+        for sl in row_slices(rows, C * (C + 1)):
+            m, a = sl.stop - sl.start, sl.start * C
+
+            # (C + G*S,) -> (m, C, C + 1): x[a + mC + c + t], the keys of the band
+            band = functools.partial(_strided, shape=(m, C, C + 1), strides=(C, 1, 1), at=a)
+            ok = q_id[a : a + m * C].view(m, C, 1) == band(k_id)
+            count = _count_rounds(e_q, e_k, a, m, C, T, band) if R > 1 else ok.to(torch.int8)
+            count.mul_(ok)
+            codes[sl].as_strided((m, C, C + 1), (2 * C * C, 2 * C + 1, 1)).copy_(count)
+        return src, undo
+
+    pos_s = _with_filler((order % Lp).to(torch.int32), C)
+    k_real = _with_filler(real_s, C, False)
+    back_half = torch.arange(2 * C, device=device) < C
+    for sl in row_slices(rows, C * 2 * C):
+        m, a = sl.stop - sl.start, sl.start * C
+
+        # (C + G*S,) -> (m, 1, 2C): x[a + mC + w], the keys of the window
+        window = functools.partial(_strided, shape=(m, 1, 2 * C), strides=(C, 0, 1), at=a)
+        first = (torch.arange(sl.start, sl.stop, device=device) % (Lp // C)) == 0
+        ok = real_s[a : a + m * C].view(m, C, 1) & window(k_real)
+        ok = ok & ~(first[:, None, None] & back_half)  # no look-back past a round's start
+        if causal:
+            ok = ok & (window(pos_s) <= pos_s[C + a : C + a + m * C].view(m, C, 1))
+        count = _count_rounds(e_q, e_k, a, m, C, T, window) if R > 1 else ok.to(torch.int8)
+        codes[sl] = count.mul_(ok)
+    return src, undo
+
+
+def _strided(x: Tensor, *, shape: tuple[int, ...], strides: tuple[int, ...], at: int) -> Tensor:
+    return x.as_strided(shape, strides, x.storage_offset() + at)
+
+
+def _count_rounds(e_q, e_k, a, m, C, T, keys_view) -> Tensor:
+    """N_ij for the rows' pairs: the number of rounds r with 0 <= e_r(i) - e_r(j) <= T."""
+    count = None
+    for r in range(e_q.shape[0]):
+        d = e_q[r, a : a + m * C].view(m, C, 1) - keys_view(e_k[r])
+        hit = d.abs_() <= T
+        count = hit.to(torch.int8) if count is None else count.add_(hit)
+    assert count is not None
+    return count
+
+
+# exp() of scores this far below the row's maximum is set to exp(EXP_FLOOR) before the
+# candidate weight (0 for non-candidates) multiplies it: no denormal or underflowing exp,
+# which run several times slower on CPUs. exp(-80) is 1.8e-35 in float32: far below any
+# probability that matters, and exactly 0 after the weight where j is not a candidate.
+EXP_FLOOR = -80.0
+
+
+def _tile_probs(s: Tensor, code: Tensor, chunk_len: int, top: Tensor | None, scale=None):
+    """Scores (m, C, 2C), in place -> probabilities exp(s - top) / N_ij over the row's
+    candidates (0 elsewhere), times `scale` (m, C) when `top` (m, C) is given. Without
+    `top`, normalise within the row and return (probabilities, top, total)."""
+    f = code.to(s.dtype)
+    weight = f.clamp(min=1).reciprocal_()  # 1 / N_ij
+    f.clamp_(max=1)  # 1 for candidates, 0 elsewhere
+    weight.mul_(f)
+    s.add_(f.sub_(1), alpha=-MASK_SCORE)  # non-candidates down by |MASK_SCORE|: off the max
+    # The self score (added to q.k_i: exp(SELF_SCORE) underflows as an override would).
+    s.diagonal(offset=chunk_len, dim1=1, dim2=2).add_(SELF_SCORE)
+    if top is not None:
+        weight.mul_(scale[..., None])
+        return s.sub_(top[..., None]).clamp_(min=EXP_FLOOR).exp_().mul_(weight)
+    top = s.amax(dim=-1)
+    p = s.sub_(top[..., None]).clamp_(min=EXP_FLOOR).exp_().mul_(weight)
+    # A row without candidates (a padded query) gets p = 0 and a finite normaliser.
+    total = p.sum(dim=-1).clamp_(min=torch.finfo(s.dtype).tiny)
+    return p.div_(total[..., None]), top, total
+
+
+class _LSHCore(torch.autograd.Function):
+    """q, k (unit keys), v: (BH, Lp, D); buckets (BH, R, Lp) -> out (BH, Lp, D)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, buckets, n_buckets, chunk_len, mode, causal):
+        BH, R, Lp = buckets.shape
+        D, C, S = q.shape[-1], chunk_len, R * Lp
+        N = Lp // C
+        stat = upcast(q[:1, :1, :1]).dtype
+        codes = torch.empty(BH * R * N, C, 2 * C, dtype=torch.int8, device=q.device)
+        src = torch.empty(BH * S, dtype=torch.long, device=q.device)
+        undo = torch.empty_like(src)
+        out = torch.empty_like(q)
+        # Per sorted slot: the row maximum and exp(lse_r - LSE) / total_r, so that the backward
+        # pass recomputes P = exp(s - top) / N * scale (the share of the union's softmax)
+        # with the forward's own numbers: no large normaliser enters a subtraction.
+        top_all = torch.empty(BH * S, dtype=stat, device=q.device)
+        scale_all = torch.empty(BH * S, dtype=stat, device=q.device)
+        for g in _head_groups(BH, S * D):
+            G, rows = g.stop - g.start, slice(g.start * R * N, g.stop * R * N)
+            flat = slice(g.start * S, g.stop * S)
+            src[flat], undo[flat] = _group_layout(
+                buckets[g], n_buckets, C, mode, causal, codes[rows]
+            )
+            q_s, k_b, v_b = _sorted(q[g], k[g], v[g], src[flat], C)
+            o_s = torch.empty_like(q_s)
+            top_s, total_s = top_all[flat], torch.empty(G * S, dtype=stat, device=q.device)
+            for sl in row_slices(G * R * N, C * 2 * C):
+                m, a = sl.stop - sl.start, sl.start * C
+                s = upcast(
+                    torch.bmm(
+                        q_s[a : a + m * C].view(m, C, D),
+                        _windows(k_b, sl.start, m, C).transpose(1, 2),
+                    )
+                )
+                p, top_s[a : a + m * C].view(m, C)[:], total_s[a : a + m * C].view(m, C)[:] = (
+                    _tile_probs(s, codes[rows][sl], C, None)
+                )
+                torch.bmm(
+                    p.to(v.dtype),
+                    _windows(v_b, sl.start, m, C),
+                    out=o_s[a : a + m * C].view(m, C, D),
+                )
+            # Combine the rounds by their log-sum-exps.
+            u = undo[flat]
+            lse_s = top_s + total_s.log()
+            w_u = torch.softmax(lse_s.index_select(0, u).view(G, R, Lp), dim=1)
+            scale_all[flat] = w_u.view(-1).new_empty(G * S).index_copy_(0, u, w_u.view(-1))
+            scale_all[flat] /= total_s
+            w = w_u.to(q.dtype)
+            o_u = o_s.index_select(0, u).view(G, R, Lp, D)
+            out_g = o_u[:, 0] * w[:, 0, :, None]
+            for r in range(1, R):
+                out_g.addcmul_(o_u[:, r], w[:, r, :, None])
+            out[g] = out_g
+        ctx.save_for_backward(q, k, v, codes, src, undo, top_all, scale_all, out)
+        ctx.layout = (R, C)
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, codes, src, undo, top_all, scale_all, out = ctx.saved_tensors
+        R, C = ctx.layout
+        BH, Lp, D = q.shape
+        S, N = R * Lp, Lp // C
+        d_out = d_out.contiguous()
+        # dS = P * (dO . v_j - dO . O): the softmax backward over the union.
+        dot = (upcast(d_out) * upcast(out)).sum(-1)  # (BH, Lp)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for g in _head_groups(BH, S * D):
+            G, rows = g.stop - g.start, slice(g.start * R * N, g.stop * R * N)
+            flat = slice(g.start * S, g.stop * S)
+            idx = src[flat]
+            q_s, k_b, v_b = _sorted(q[g], k[g], v[g], idx, C)
+            do_s = d_out[g].reshape(G * Lp, D).index_select(0, idx)
+            top_s, scale_s = top_all[flat], scale_all[flat]
+            dot_s = dot[g].reshape(-1)[idx]
+            dq_s = torch.empty_like(q_s)
+            dk_b = q_s.new_zeros(C + G * S, D)
+            dv_b = q_s.new_zeros(C + G * S, D)
+            code_g = codes[rows]
+            for sl in row_slices(G * R * N, C * 2 * C):
+                m, a = sl.stop - sl.start, sl.start * C
+                qq = q_s[a : a + m * C].view(m, C, D)
+                do = do_s[a : a + m * C].view(m, C, D)
+                kw = _windows(k_b, sl.start, m, C)
+                vw = _windows(v_b, sl.start, m, C)
+                s = upcast(torch.bmm(qq, kw.transpose(1, 2)))
+                rows_sl = slice(a, a + m * C)
+                p = _tile_probs(
+                    s, code_g[sl], C, top_s[rows_sl].view(m, C), scale_s[rows_sl].view(m, C)
+                )
+                dp = upcast(torch.bmm(do, vw.transpose(1, 2)))
+                ds = dp.sub_(dot_s[a : a + m * C].view(m, C, 1)).mul_(p).to(q.dtype)
+                p = p.to(v.dtype)
+                torch.bmm(ds, kw, out=dq_s[a : a + m * C].view(m, C, D))
+                # Keys and values of the window: the first C belong to the previous chunk.
+                for buf, x, y in ((dk_b, ds, qq), (dv_b, p, do)):
+                    prev = buf[a : a + m * C].view(m, C, D)
+                    own = buf[C + a : C + a + m * C].view(m, C, D)
+                    prev.baddbmm_(x[:, :, :C].transpose(1, 2), y)
+                    own.baddbmm_(x[:, :, C:].transpose(1, 2), y)
+            # Unsort: each position sums its R slots.
+            u = undo[flat]
+            dq[g] = _unsort(dq_s, u, (G, R, Lp, D))
+            dk[g] = _unsort(dk_b[C:], u, (G, R, Lp, D))
+            dv[g] = _unsort(dv_b[C:], u, (G, R, Lp, D))
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _sorted(q: Tensor, k: Tensor, v: Tensor, src: Tensor, chunk_len: int):
+    """Gather a group's rows into sorted order: q (G*S, D); k and v with C filler slots."""
+    D = q.shape[-1]
+    q_s = q.reshape(-1, D).index_select(0, src)
+    bufs = []
+    for x in (k, v):
+        buf = x.new_empty(chunk_len + src.numel(), D)
+        buf[:chunk_len] = 0
+        torch.index_select(x.reshape(-1, D), 0, src, out=buf[chunk_len:])
+        bufs.append(buf)
+    return q_s, bufs[0], bufs[1]
+
+
+def _unsort(x_s: Tensor, undo: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
+    """Sorted slots (G*S, D) -> (G, Lp, D): each position sums its R slots."""
+    G, R, Lp, D = shape
+    return x_s.index_select(0, undo).view(G, R, Lp, D).sum(1)
