@@ -34,7 +34,7 @@ import math
 import torch
 from torch import Tensor
 
-from .chunked import row_slices
+from .chunked import row_slices, slice_rows
 from .common import (
     MASK_SCORE,
     SELF_SCORE,
@@ -308,7 +308,12 @@ def _tile_probs(s: Tensor, code: Tensor, chunk_len: int, top: Tensor | None, sca
 
 
 class _LSHCore(torch.autograd.Function):
-    """q, k (unit keys), v: (BH, Lp, D); buckets (BH, R, Lp) -> out (BH, Lp, D)."""
+    """q, k (unit keys), v: (BH, Lp, D); buckets (BH, R, Lp) -> out (BH, Lp, D).
+
+    Each slice of chunk rows gathers its own queries, keys and values (the keys and values
+    with the C slots before the slice, the look-back of its first row) into small reused
+    buffers, so the sorted copies never exist whole; the backward pass adds each slice's
+    gradients straight back to the positions (index_add_)."""
 
     @staticmethod
     def forward(ctx, q, k, v, buckets, n_buckets, chunk_len, mode, causal):
@@ -317,120 +322,113 @@ class _LSHCore(torch.autograd.Function):
         N = Lp // C
         stat = upcast(q[:1, :1, :1]).dtype
         codes = torch.empty(BH * R * N, C, 2 * C, dtype=torch.int8, device=q.device)
-        src = torch.empty(BH * S, dtype=torch.long, device=q.device)
-        undo = torch.empty_like(src)
+        src = torch.empty(BH * S, dtype=torch.long, device=q.device)  # slot -> row of q
         out = torch.empty_like(q)
         # Per sorted slot: the row maximum and exp(lse_r - LSE) / total_r, so that the backward
         # pass recomputes P = exp(s - top) / N * scale (the share of the union's softmax)
         # with the forward's own numbers: no large normaliser enters a subtraction.
         top_all = torch.empty(BH * S, dtype=stat, device=q.device)
         scale_all = torch.empty(BH * S, dtype=stat, device=q.device)
+        q_f, k_f, v_f = (x.reshape(BH * Lp, D) for x in (q, k, v))
+        bufs = _SliceBuffers(q, C, R * N)
         for g in _head_groups(BH, S * D):
             G, rows = g.stop - g.start, slice(g.start * R * N, g.stop * R * N)
             flat = slice(g.start * S, g.stop * S)
-            src[flat], undo[flat] = _group_layout(
-                buckets[g], n_buckets, C, mode, causal, codes[rows]
-            )
-            q_s, k_b, v_b = _sorted(q[g], k[g], v[g], src[flat], C)
-            o_s = torch.empty_like(q_s)
+            src_g, undo = _group_layout(buckets[g], n_buckets, C, mode, causal, codes[rows])
+            src_g += g.start * Lp
+            src[flat] = src_g
+            o_s = q.new_empty(G * S, D)
             top_s, total_s = top_all[flat], torch.empty(G * S, dtype=stat, device=q.device)
             for sl in row_slices(G * R * N, C * 2 * C):
                 m, a = sl.stop - sl.start, sl.start * C
-                s = upcast(
-                    torch.bmm(
-                        q_s[a : a + m * C].view(m, C, D),
-                        _windows(k_b, sl.start, m, C).transpose(1, 2),
-                    )
-                )
+                qt, kw, vw = bufs.gather(q_f, k_f, v_f, src_g, a, m)
+                s = upcast(torch.bmm(qt, kw.transpose(1, 2)))
                 p, top_s[a : a + m * C].view(m, C)[:], total_s[a : a + m * C].view(m, C)[:] = (
                     _tile_probs(s, codes[rows][sl], C, None)
                 )
-                torch.bmm(
-                    p.to(v.dtype),
-                    _windows(v_b, sl.start, m, C),
-                    out=o_s[a : a + m * C].view(m, C, D),
-                )
+                torch.bmm(p.to(v.dtype), vw, out=o_s[a : a + m * C].view(m, C, D))
             # Combine the rounds by their log-sum-exps.
-            u = undo[flat]
             lse_s = top_s + total_s.log()
-            w_u = torch.softmax(lse_s.index_select(0, u).view(G, R, Lp), dim=1)
-            scale_all[flat] = w_u.view(-1).new_empty(G * S).index_copy_(0, u, w_u.view(-1))
+            w_u = torch.softmax(lse_s.index_select(0, undo).view(G, R, Lp), dim=1)
+            scale_all[flat] = w_u.view(-1).new_empty(G * S).index_copy_(0, undo, w_u.view(-1))
             scale_all[flat] /= total_s
             w = w_u.to(q.dtype)
-            o_u = o_s.index_select(0, u).view(G, R, Lp, D)
-            out_g = o_u[:, 0] * w[:, 0, :, None]
-            for r in range(1, R):
-                out_g.addcmul_(o_u[:, r], w[:, r, :, None])
-            out[g] = out_g
-        ctx.save_for_backward(q, k, v, codes, src, undo, top_all, scale_all, out)
+            undo = undo.view(G, R, Lp)
+            out_g, o_r = out[g], q.new_empty(G * Lp, D)
+            for r in range(R):
+                torch.index_select(o_s, 0, undo[:, r].reshape(-1), out=o_r)
+                if r == 0:
+                    torch.mul(o_r.view(G, Lp, D), w[:, 0, :, None], out=out_g)
+                else:
+                    out_g.addcmul_(o_r.view(G, Lp, D), w[:, r, :, None])
+        ctx.save_for_backward(q, k, v, codes, src, top_all, scale_all, out)
         ctx.layout = (R, C)
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        q, k, v, codes, src, undo, top_all, scale_all, out = ctx.saved_tensors
+        q, k, v, codes, src, top_all, scale_all, out = ctx.saved_tensors
         R, C = ctx.layout
         BH, Lp, D = q.shape
         S, N = R * Lp, Lp // C
-        d_out = d_out.contiguous()
         # dS = P * (dO . v_j - dO . O): the softmax backward over the union.
-        dot = (upcast(d_out) * upcast(out)).sum(-1)  # (BH, Lp)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dot = (upcast(d_out) * upcast(out)).sum(-1).view(-1)  # (BH * Lp,)
+        q_f, k_f, v_f = (x.reshape(BH * Lp, D) for x in (q, k, v))
+        do_f = d_out.reshape(BH * Lp, D)
+        dq, dk, dv = (torch.zeros_like(x) for x in (q_f, k_f, v_f))
+        bufs = _SliceBuffers(q, C, R * N)
+        do_t, dk_t, dv_t = bufs.new(0), bufs.new(C), bufs.new(C)
         for g in _head_groups(BH, S * D):
-            G, rows = g.stop - g.start, slice(g.start * R * N, g.stop * R * N)
+            rows = slice(g.start * R * N, g.stop * R * N)
             flat = slice(g.start * S, g.stop * S)
-            idx = src[flat]
-            q_s, k_b, v_b = _sorted(q[g], k[g], v[g], idx, C)
-            do_s = d_out[g].reshape(G * Lp, D).index_select(0, idx)
-            top_s, scale_s = top_all[flat], scale_all[flat]
-            dot_s = dot[g].reshape(-1)[idx]
-            dq_s = torch.empty_like(q_s)
-            dk_b = q_s.new_zeros(C + G * S, D)
-            dv_b = q_s.new_zeros(C + G * S, D)
-            code_g = codes[rows]
-            for sl in row_slices(G * R * N, C * 2 * C):
+            src_g, top_s, scale_s, code_g = src[flat], top_all[flat], scale_all[flat], codes[rows]
+            for sl in row_slices((g.stop - g.start) * R * N, C * 2 * C):
                 m, a = sl.stop - sl.start, sl.start * C
-                qq = q_s[a : a + m * C].view(m, C, D)
-                do = do_s[a : a + m * C].view(m, C, D)
-                kw = _windows(k_b, sl.start, m, C)
-                vw = _windows(v_b, sl.start, m, C)
-                s = upcast(torch.bmm(qq, kw.transpose(1, 2)))
-                rows_sl = slice(a, a + m * C)
+                n, idx = m * C, src_g[a : a + m * C]
+                qt, kw, vw = bufs.gather(q_f, k_f, v_f, src_g, a, m)
+                do = torch.index_select(do_f, 0, idx, out=do_t[:n]).view(m, C, D)
+                s = upcast(torch.bmm(qt, kw.transpose(1, 2)))
                 p = _tile_probs(
-                    s, code_g[sl], C, top_s[rows_sl].view(m, C), scale_s[rows_sl].view(m, C)
+                    s, code_g[sl], C, top_s[a : a + n].view(m, C), scale_s[a : a + n].view(m, C)
                 )
                 dp = upcast(torch.bmm(do, vw.transpose(1, 2)))
-                ds = dp.sub_(dot_s[a : a + m * C].view(m, C, 1)).mul_(p).to(q.dtype)
+                ds = dp.sub_(dot[idx].view(m, C, 1)).mul_(p).to(q.dtype)
                 p = p.to(v.dtype)
-                torch.bmm(ds, kw, out=dq_s[a : a + m * C].view(m, C, D))
+                dq.index_add_(0, idx, torch.bmm(ds, kw).view(n, D))
                 # Keys and values of the window: the first C belong to the previous chunk.
-                for buf, x, y in ((dk_b, ds, qq), (dv_b, p, do)):
-                    prev = buf[a : a + m * C].view(m, C, D)
-                    own = buf[C + a : C + a + m * C].view(m, C, D)
-                    prev.baddbmm_(x[:, :, :C].transpose(1, 2), y)
-                    own.baddbmm_(x[:, :, C:].transpose(1, 2), y)
-            # Unsort: each position sums its R slots.
-            u = undo[flat]
-            dq[g] = _unsort(dq_s, u, (G, R, Lp, D))
-            dk[g] = _unsort(dk_b[C:], u, (G, R, Lp, D))
-            dv[g] = _unsort(dv_b[C:], u, (G, R, Lp, D))
-        return dq, dk, dv, None, None, None, None, None
+                for grad, buf, x, y in ((dk, dk_t, ds, qt), (dv, dv_t, p, do)):
+                    buf = buf[: C + n].zero_()
+                    buf[:n].view(m, C, D).baddbmm_(x[:, :, :C].transpose(1, 2), y)
+                    buf[C:].view(m, C, D).baddbmm_(x[:, :, C:].transpose(1, 2), y)
+                    if a == 0:  # the look-back of the group's first row is filler
+                        grad.index_add_(0, idx, buf[C:])
+                    else:
+                        grad.index_add_(0, src_g[a - C : a + n], buf)
+        return dq.view_as(q), dk.view_as(k), dv.view_as(v), None, None, None, None, None
 
 
-def _sorted(q: Tensor, k: Tensor, v: Tensor, src: Tensor, chunk_len: int):
-    """Gather a group's rows into sorted order: q (G*S, D); k and v with C filler slots."""
-    D = q.shape[-1]
-    q_s = q.reshape(-1, D).index_select(0, src)
-    bufs = []
-    for x in (k, v):
-        buf = x.new_empty(chunk_len + src.numel(), D)
-        buf[:chunk_len] = 0
-        torch.index_select(x.reshape(-1, D), 0, src, out=buf[chunk_len:])
-        bufs.append(buf)
-    return q_s, bufs[0], bufs[1]
+class _SliceBuffers:
+    """Reused per-slice buffers: a slice's queries (m C, D), and its keys and values with the
+    C slots before it (C + m C, D), gathered in sorted order."""
 
+    def __init__(self, like: Tensor, chunk_len: int, rows_per_head: int) -> None:
+        self.like, self.C = like, chunk_len
+        self.max_rows = min(rows_per_head * like.shape[0], slice_rows(chunk_len * 2 * chunk_len))
+        self.qt, self.kt, self.vt = self.new(0), self.new(chunk_len), self.new(chunk_len)
 
-def _unsort(x_s: Tensor, undo: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
-    """Sorted slots (G*S, D) -> (G, Lp, D): each position sums its R slots."""
-    G, R, Lp, D = shape
-    return x_s.index_select(0, undo).view(G, R, Lp, D).sum(1)
+    def new(self, extra: int) -> Tensor:
+        return self.like.new_empty(extra + self.max_rows * self.C, self.like.shape[-1])
+
+    def gather(self, q_f: Tensor, k_f: Tensor, v_f: Tensor, src: Tensor, a: int, m: int):
+        """Slots [a, a + m C) of `src`: queries (m, C, D); key and value windows (m, 2C, D)."""
+        C, D, n = self.C, q_f.shape[-1], m * self.C
+        qt = torch.index_select(q_f, 0, src[a : a + n], out=self.qt[:n]).view(m, C, D)
+        windows = []
+        for x, buf in ((k_f, self.kt), (v_f, self.vt)):
+            if a == 0:  # the first row's look-back: filler (its pairs are not candidates)
+                buf[:C].zero_()
+                torch.index_select(x, 0, src[:n], out=buf[C : C + n])
+            else:
+                torch.index_select(x, 0, src[a - C : a + n], out=buf[: C + n])
+            windows.append(_windows(buf, 0, m, C))
+        return qt, windows[0], windows[1]
