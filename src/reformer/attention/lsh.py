@@ -105,7 +105,10 @@ def hash_vectors(qk: Tensor, rotations: tuple[Tensor, ...]) -> Tensor:
     buckets = None
     for rot in rotations:
         proj = torch.einsum("bhld,hdrk->bhrlk", x, rot)  # (B, H, R, L, K_f / 2)
-        h = torch.cat([proj, -proj], dim=-1).argmax(dim=-1)  # (B, H, R, L)
+        # argmax of [proj, -proj] (first index on ties) without building it
+        top, arg_top = proj.max(dim=-1)
+        low, arg_low = proj.min(dim=-1)
+        h = torch.where(top >= -low, arg_top, arg_low + rot.shape[-1])  # (B, H, R, L)
         buckets = h if buckets is None else buckets * (2 * rot.shape[-1]) + h
     assert buckets is not None
     return buckets
@@ -397,9 +400,10 @@ class _LSHCore(torch.autograd.Function):
                 dq.index_add_(0, idx, torch.bmm(ds, kw).view(n, D))
                 # Keys and values of the window: the first C belong to the previous chunk.
                 for grad, buf, x, y in ((dk, dk_t, ds, qt), (dv, dv_t, p, do)):
-                    buf = buf[: C + n].zero_()
+                    buf = buf[: C + n]
+                    buf[:C].zero_()
+                    torch.bmm(x[:, :, C:].transpose(1, 2), y, out=buf[C:].view(m, C, D))
                     buf[:n].view(m, C, D).baddbmm_(x[:, :, :C].transpose(1, 2), y)
-                    buf[C:].view(m, C, D).baddbmm_(x[:, :, C:].transpose(1, 2), y)
                     if a == 0:  # the look-back of the group's first row is filler
                         grad.index_add_(0, idx, buf[C:])
                     else:
