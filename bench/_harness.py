@@ -24,8 +24,29 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far, MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this process so far, MiB.
+
+    VmHWM from /proc/self/status where it exists: getrusage's ru_maxrss also counts the
+    RSS the parent had when it forked this process (kept across exec), so a worker started
+    by a large parent would read that instead of its own peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def reset_peak_rss() -> None:
+    """Reset the peak RSS to the current RSS (Linux >= 4.0), so that a peak reached before
+    (imports, building the model) cannot hide the peak of the work measured next. Where
+    the kernel does not allow it the old peak stays, and small peaks may read as 0."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def environment() -> dict[str, Any]:
@@ -123,6 +144,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(device)
             self.base = torch.cuda.memory_allocated(device) / 2**20
         else:
+            reset_peak_rss()
             self.base = peak_rss_mib()
 
     def mib(self) -> float:

@@ -5,6 +5,9 @@ d_model 256, 4 heads of 64, batch 1, causal, at L = 1K, 4K, 16K, 64K (--lengths)
     ours lsh-R   reformer.attention.Attention, LSH with R hash rounds, chunk 64, window mode
     ours local   the same module, local attention over chunk + previous chunk (64)
     ours full    the same module, dense shared-QK attention (O(L^2) bias)
+    lsh-4-core   the LSH-4 core alone (no projections); with the matmul ceiling measured at
+                 the start of the run (square 2048 products and the core's tile shape), the
+                 rows' "of_ceiling" is their achieved GFLOP/s over the square ceiling
     sdpa         dense causal F.scaled_dot_product_attention(is_causal=True) with q/k/v/out
                  projections: the baseline every row's "x sdpa" ratio divides by
     reformer-pytorch  reformer_pytorch.LSHSelfAttention(causal, n_hashes 4, bucket_size 64:
@@ -48,6 +51,7 @@ from bench._harness import (
     save_png,
     setup_worker,
     skip_reason,
+    sync,
     write_json,
 )
 
@@ -63,6 +67,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "local": dict(impl="ours", kind="local", n_hashes=1, time_exp=1, mem_exp=1),
     "full": dict(impl="ours", kind="full", n_hashes=1, time_exp=2, mem_exp=2),
     "sdpa": dict(impl="sdpa", time_exp=2, mem_exp=1),
+    # The LSH-4 core alone (lsh_attention on (1, H, L, D) inputs, no projections): the
+    # number to hold against the matmul ceiling measured in the same run.
+    "lsh-4-core": dict(impl="core", kind="lsh", n_hashes=4, time_exp=1, mem_exp=1),
     "reformer-pytorch": dict(impl="reformer_pytorch", n_hashes=4, time_exp=1, mem_exp=1),
     "transformers": dict(impl="transformers", n_hashes=4, time_exp=1, mem_exp=1),
 }
@@ -82,13 +89,13 @@ def flop_count(config: str, length: int) -> float | None:
     from reformer.attention import auto_n_buckets, bucket_factors
 
     spec = CONFIGS[config]
-    if spec["impl"] not in ("ours", "sdpa"):
+    if spec["impl"] not in ("ours", "sdpa", "core"):
         return None
     kind = spec.get("kind", "sdpa")
     H, D, C, L = HEADS, HEAD_DIM, CHUNK, length
     Lp = math.ceil(L / C) * C
     n_proj = 3 if kind in ("lsh", "full") else 4
-    proj = n_proj * 2 * L * D_MODEL * H * D
+    proj = 0 if spec["impl"] == "core" else n_proj * 2 * L * D_MODEL * H * D
     rounds = spec["n_hashes"] if kind == "lsh" else 1
     core = {
         "lsh": 2 * (2 * H * rounds * Lp * 2 * C * D),
@@ -170,8 +177,59 @@ def build(config: str, length: int) -> tuple[nn.Module, Callable[[nn.Module, Ten
     return ReformerAttention(cfg, layer_id=0), lambda m, x: m(x).hidden_states
 
 
+def core_worker(args: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict:
+    """The LSH core alone: hashing, sorting, pair codes, attention, forward + backward."""
+    from reformer.attention import auto_n_buckets, draw_rotations, lsh_attention
+
+    spec, L = CONFIGS[args["config"]], args["length"]
+    qk, v = (
+        torch.randn(1, HEADS, L, HEAD_DIM, device=device, dtype=dtype, requires_grad=True)
+        for _ in range(2)
+    )
+    n_buckets = auto_n_buckets(math.ceil(L / CHUNK) * CHUNK, CHUNK)
+
+    def step() -> None:
+        qk.grad = v.grad = None
+        rot = draw_rotations(HEADS, HEAD_DIM, spec["n_hashes"], n_buckets, device=device)
+        lsh_attention(
+            qk, v, rot, chunk_len=CHUNK, causal=True, mode="window"
+        ).float().sum().backward()
+
+    return measure(step, args, device)
+
+
+def matmul_ceiling(threads: int, device: str, dtype: str, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of this machine's matmul in this run: square 2048 x 2048 products, and the
+    attention core's tile shape (256 bmm's of (64 x 64) @ (64 x 128))."""
+    torch.set_num_threads(threads)
+    dev, dt = torch.device(device), getattr(torch, dtype)
+    out = {}
+    for name, (a_shape, b_shape) in {
+        "square_2048": ((2048, 2048), (2048, 2048)),
+        "chunk_tiles": ((256, CHUNK, HEAD_DIM), (256, HEAD_DIM, 2 * CHUNK)),
+    }.items():
+        a, b = (
+            torch.randn(a_shape, device=dev, dtype=dt),
+            torch.randn(b_shape, device=dev, dtype=dt),
+        )
+        flops = 2 * a.numel() * b.shape[-1]
+        times = []
+        for i in range(repeats + 1):
+            sync(dev)
+            t0 = time.perf_counter()
+            for _ in range(10):
+                torch.matmul(a, b)
+            sync(dev)
+            if i:  # the first pass warms up
+                times.append((time.perf_counter() - t0) / 10)
+        out[name] = flops / sorted(times)[len(times) // 2] / 1e9
+    return out
+
+
 def worker(args: dict[str, Any]) -> dict[str, Any]:
     device, dtype = setup_worker(args)
+    if CONFIGS[args["config"]]["impl"] == "core":
+        return core_worker(args, device, dtype)
     length = args["length"]
     module, call = build(args["config"], length)
     module = module.to(device=device, dtype=dtype).train()
@@ -186,6 +244,8 @@ def worker(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(ns: argparse.Namespace) -> list[dict[str, Any]]:
+    ns.ceiling = matmul_ceiling(ns.threads, ns.device, ns.dtype)
+    print("matmul ceiling, GFLOP/s:", json.dumps(ns.ceiling), flush=True)
     rows: list[dict[str, Any]] = []
     history: dict[str, list[tuple[int, float, float]]] = {c: [] for c in ns.configs}
     stopped: dict[str, str] = {}  # config -> why its longer lengths are skipped
@@ -224,6 +284,8 @@ def run(ns: argparse.Namespace) -> list[dict[str, Any]]:
                 else:
                     flops = flop_count(config, length)
                     row["gflops"] = flops / row["seconds"] / 1e9 if flops else None
+                    if flops:
+                        row["of_ceiling"] = row["gflops"] / ns.ceiling["square_2048"]
                     hist.append((length, row["seconds"], row["peak_mib"]))
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -254,8 +316,9 @@ def peer_versions() -> dict[str, str | None]:
 
 
 def report(ns: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    settings = {k: v for k, v in vars(ns).items() if k not in ("worker", "compare")}
+    settings = {k: v for k, v in vars(ns).items() if k not in ("worker", "compare", "ceiling")}
     return {
+        "matmul_ceiling_gflops": getattr(ns, "ceiling", None),
         "command": command_line(),
         "environment": environment() | {"threads": ns.threads},
         "settings": settings | {"d_model": D_MODEL, "heads": HEADS, "chunk_len": CHUNK},
@@ -333,7 +396,8 @@ def main() -> None:
     rows = run(ns)
     print()
     cols = [("config", "config"), ("L", "length"), ("seconds", "seconds"), ("x sdpa", "x_sdpa")]
-    cols += [("peak MiB", "peak_mib"), ("GFLOP/s", "gflops"), ("skipped", "skipped")]
+    cols += [("peak MiB", "peak_mib"), ("GFLOP/s", "gflops"), ("of ceiling", "of_ceiling")]
+    cols.append(("skipped", "skipped"))
     cols.append(("error", "error"))
     print(markdown_table(rows, cols))
     plot(ns, rows)

@@ -14,16 +14,20 @@ Scores are s_ij = qk_i . qk_j / |qk_j| - log N_ij, with N_ij the number of round
 candidate set holds j; combining rounds by their log-sum-exps is then exactly softmax over
 the union of the candidate sets (`reference.lsh_attention_reference` builds that union).
 
-The core (`_LSHCore`) is one autograd function that works head group by head group in the
-sorted domain:
-  - one gather of q, k and v per head into sorted order; the key and value windows (a chunk
-    and the one before it) are overlapping strided views of the sorted rows, never copies;
-  - an int8 code per (query, key) pair of the window layout: 0 if j is not in S_r(i), else
-    N_ij. Only the codes, the sort order, the output and each query's log-normaliser are kept
-    for the backward pass, which recomputes scores and probabilities slice by slice (as
-    flash attention does);
-  - the backward pass needs no per-round outputs: with P_rij = exp(s_rij - LSE_i) / N_ij
-    (LSE_i the log-normaliser of the union), dS_rij = P_rij (dO_i . v_j - dO_i . O_i).
+The core (`_LSHCore`) is one autograd function. Heads are sorted in groups (bounded
+memory whatever B * H is); rows of chunks are processed in slices of about 2^21 scores:
+  - each slice gathers its queries, and its keys and values with the C slots before it,
+    into reused buffers; the (chunk, previous chunk) key and value windows are overlapping
+    strided views of them, never copies;
+  - an int8 code per (query, key) pair of the window layout says 0 if j is not in S_r(i),
+    else N_ij. Window mode computes codes on the band of C + 1 keys that can qualify only;
+  - the backward pass keeps only the codes, the sort order, the output and two numbers per
+    sorted slot (the row maximum and the row's share of the union's normaliser), and
+    recomputes scores and probabilities slice by slice (as flash attention does). With P_rij
+    the probability of pair (i, j) through round r within the union's softmax,
+    dS_rij = P_rij (dO_i . v_j - dO_i . O_i): no per-round outputs are needed;
+  - exp() never sees a denormal (EXP_FLOOR), and gradients go back to positions by
+    index_add_.
 """
 
 from __future__ import annotations
