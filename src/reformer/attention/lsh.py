@@ -143,7 +143,7 @@ def lsh_attention(
     """
     assert mode in ("window", "chunk"), mode
     assert causal or mode == "chunk", "window mode is strictly causal: it needs causal=True"
-    B, H, L, D = qk.shape
+    B, H, L, _ = qk.shape
     C = chunk_len
     R = rotations[0].shape[2]
     K = math.prod(2 * r.shape[-1] for r in rotations)
@@ -157,17 +157,21 @@ def lsh_attention(
     with torch.no_grad():
         buckets = hash_vectors(qk, rotations).masked_fill(~valid[:, None, None, :], K)
     keys = unit_keys(qk)
-    out = _LSHCore.apply(
-        qk.reshape(B * H, Lp, D),
-        keys.reshape(B * H, Lp, D),
-        v.reshape(B * H, Lp, D),
-        buckets.reshape(B * H, R, Lp),
-        K,
-        C,
-        mode,
-        causal,
-    )
-    return out.view(B, H, Lp, D)[:, :, :L]
+    out = _LSHCore.apply(qk, keys, v, buckets.reshape(B * H, R, Lp), K, C, mode, causal)
+    return out[:, :, :L]
+
+
+def _rows(x: Tensor) -> Tensor:
+    """(B, H, Lp, D) -> (B * Lp * H, D), rows in (batch, position, head) order: a view when x
+    is the head split of a (B, Lp, H * D) tensor, as the projections make it."""
+    return x.transpose(1, 2).reshape(-1, x.shape[-1])
+
+
+def _head_rows(heads: slice, Lp: int, H: int, device: torch.device) -> Tensor:
+    """Row (of `_rows`) of each (head, position) of a group of (batch * head) indices: (G * Lp,)."""
+    hr = torch.arange(heads.start, heads.stop, device=device)[:, None]
+    pos = torch.arange(Lp, device=device)
+    return (((hr // H) * Lp + pos) * H + hr % H).view(-1)
 
 
 def _head_groups(n_heads: int, per_head: int) -> list[slice]:
@@ -315,7 +319,7 @@ def _tile_probs(s: Tensor, code: Tensor, chunk_len: int, top: Tensor | None, sca
 
 
 class _LSHCore(torch.autograd.Function):
-    """q, k (unit keys), v: (BH, Lp, D); buckets (BH, R, Lp) -> out (BH, Lp, D).
+    """q, k (unit keys), v: (B, H, Lp, D); buckets (B * H, R, Lp) -> out (B, H, Lp, D).
 
     Each slice of chunk rows gathers its own queries, keys and values (the keys and values
     with the C slots before the slice, the look-back of its first row) into small reused
@@ -324,25 +328,26 @@ class _LSHCore(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, buckets, n_buckets, chunk_len, mode, causal):
-        BH, R, Lp = buckets.shape
-        D, C, S = q.shape[-1], chunk_len, R * Lp
+        B, H, Lp, D = q.shape
+        BH, R = B * H, buckets.shape[1]
+        C, S = chunk_len, R * Lp
         N = Lp // C
         stat = upcast(q[:1, :1, :1]).dtype
         codes = torch.empty(BH * R * N, C, 2 * C, dtype=torch.int8, device=q.device)
         src = torch.empty(BH * S, dtype=torch.long, device=q.device)  # slot -> row of q
-        out = torch.empty_like(q)
+        out = q.new_empty(B, Lp, H, D)  # returned as its (B, H, Lp, D) transpose
         # Per sorted slot: the row maximum and exp(lse_r - LSE) / total_r, so that the backward
         # pass recomputes P = exp(s - top) / N * scale (the share of the union's softmax)
         # with the forward's own numbers: no large normaliser enters a subtraction.
         top_all = torch.empty(BH * S, dtype=stat, device=q.device)
         scale_all = torch.empty(BH * S, dtype=stat, device=q.device)
-        q_f, k_f, v_f = (x.reshape(BH * Lp, D) for x in (q, k, v))
-        bufs = _SliceBuffers(q, C, R * N)
+        q_f, k_f, v_f = (_rows(x) for x in (q, k, v))
+        bufs = _SliceBuffers(q_f, C, BH * R * N)
         for g in _head_groups(BH, S * D):
             G, rows = g.stop - g.start, slice(g.start * R * N, g.stop * R * N)
             flat = slice(g.start * S, g.stop * S)
             src_g, undo = _group_layout(buckets[g], n_buckets, C, mode, causal, codes[rows])
-            src_g += g.start * Lp
+            src_g = _head_rows(g, Lp, H, q.device)[src_g]
             src[flat] = src_g
             o_s = q.new_empty(G * S, D)
             top_s, total_s = top_all[flat], torch.empty(G * S, dtype=stat, device=q.device)
@@ -361,13 +366,15 @@ class _LSHCore(torch.autograd.Function):
             scale_all[flat] /= total_s
             w = w_u.to(q.dtype)
             undo = undo.view(G, R, Lp)
-            out_g, o_r = out[g], q.new_empty(G * Lp, D)
+            out_g, o_r = q.new_empty(G, Lp, D), q.new_empty(G * Lp, D)
             for r in range(R):
                 torch.index_select(o_s, 0, undo[:, r].reshape(-1), out=o_r)
                 if r == 0:
                     torch.mul(o_r.view(G, Lp, D), w[:, 0, :, None], out=out_g)
                 else:
                     out_g.addcmul_(o_r.view(G, Lp, D), w[:, r, :, None])
+            out.view(-1, D).index_copy_(0, _head_rows(g, Lp, H, q.device), out_g.view(-1, D))
+        out = out.transpose(1, 2)
         ctx.save_for_backward(q, k, v, codes, src, top_all, scale_all, out)
         ctx.layout = (R, C)
         return out
@@ -376,14 +383,15 @@ class _LSHCore(torch.autograd.Function):
     def backward(ctx, d_out):
         q, k, v, codes, src, top_all, scale_all, out = ctx.saved_tensors
         R, C = ctx.layout
-        BH, Lp, D = q.shape
-        S, N = R * Lp, Lp // C
+        B, H, Lp, D = q.shape
+        BH, S, N = B * H, R * Lp, Lp // C
         # dS = P * (dO . v_j - dO . O): the softmax backward over the union.
-        dot = (upcast(d_out) * upcast(out)).sum(-1).view(-1)  # (BH * Lp,)
-        q_f, k_f, v_f = (x.reshape(BH * Lp, D) for x in (q, k, v))
-        do_f = d_out.reshape(BH * Lp, D)
-        dq, dk, dv = (torch.zeros_like(x) for x in (q_f, k_f, v_f))
-        bufs = _SliceBuffers(q, C, R * N)
+        dot = _rows((upcast(d_out) * upcast(out)).sum(-1, keepdim=True)).view(-1)
+        q_f, k_f, v_f, do_f = (_rows(x) for x in (q, k, v, d_out))
+        dq, dk, dv = (
+            torch.zeros_like(x, memory_format=torch.contiguous_format) for x in (q_f, k_f, v_f)
+        )
+        bufs = _SliceBuffers(q_f, C, BH * R * N)
         do_t, dk_t, dv_t = bufs.new(0), bufs.new(C), bufs.new(C)
         for g in _head_groups(BH, S * D):
             rows = slice(g.start * R * N, g.stop * R * N)
@@ -412,16 +420,17 @@ class _LSHCore(torch.autograd.Function):
                         grad.index_add_(0, idx, buf[C:])
                     else:
                         grad.index_add_(0, src_g[a - C : a + n], buf)
-        return dq.view_as(q), dk.view_as(k), dv.view_as(v), None, None, None, None, None
+        dq, dk, dv = (x.view(B, Lp, H, D).transpose(1, 2) for x in (dq, dk, dv))
+        return dq, dk, dv, None, None, None, None, None
 
 
 class _SliceBuffers:
     """Reused per-slice buffers: a slice's queries (m C, D), and its keys and values with the
     C slots before it (C + m C, D), gathered in sorted order."""
 
-    def __init__(self, like: Tensor, chunk_len: int, rows_per_head: int) -> None:
+    def __init__(self, like: Tensor, chunk_len: int, rows: int) -> None:
         self.like, self.C = like, chunk_len
-        self.max_rows = min(rows_per_head * like.shape[0], slice_rows(chunk_len * 2 * chunk_len))
+        self.max_rows = min(rows, slice_rows(chunk_len * 2 * chunk_len))
         self.qt, self.kt, self.vt = self.new(0), self.new(chunk_len), self.new(chunk_len)
 
     def new(self, extra: int) -> Tensor:
