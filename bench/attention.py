@@ -5,7 +5,8 @@ d_model 256, 4 heads of 64, batch 1, causal, at L = 1K, 4K, 16K, 64K (--lengths)
     ours lsh-R   reformer.attention.Attention, LSH with R hash rounds, chunk 64, window mode
     ours local   the same module, local attention over chunk + previous chunk (64)
     ours full    the same module, dense shared-QK attention (O(L^2) bias)
-    lsh-4-core   the LSH-4 core alone (no projections); with the matmul ceiling measured at
+    lsh-4-core   the LSH-4 core alone (no projections; inputs laid out as the projections
+                 make them); with the matmul ceiling measured at
                  the start of the run (square 2048 products and the core's tile shape), the
                  rows' "of_ceiling" is their achieved GFLOP/s over the square ceiling
     sdpa         dense causal F.scaled_dot_product_attention(is_causal=True) with q/k/v/out
@@ -182,14 +183,16 @@ def core_worker(args: dict[str, Any], device: torch.device, dtype: torch.dtype) 
     from reformer.attention import auto_n_buckets, draw_rotations, lsh_attention
 
     spec, L = CONFIGS[args["config"]], args["length"]
-    qk, v = (
-        torch.randn(1, HEADS, L, HEAD_DIM, device=device, dtype=dtype, requires_grad=True)
+    # Leaves in the layout the projections make, (B, L, H, D), seen as (B, H, L, D) heads.
+    qk_, v_ = (
+        torch.randn(1, L, HEADS, HEAD_DIM, device=device, dtype=dtype, requires_grad=True)
         for _ in range(2)
     )
     n_buckets = auto_n_buckets(math.ceil(L / CHUNK) * CHUNK, CHUNK)
 
     def step() -> None:
-        qk.grad = v.grad = None
+        qk_.grad = v_.grad = None
+        qk, v = qk_.transpose(1, 2), v_.transpose(1, 2)
         rot = draw_rotations(HEADS, HEAD_DIM, spec["n_hashes"], n_buckets, device=device)
         lsh_attention(
             qk, v, rot, chunk_len=CHUNK, causal=True, mode="window"
