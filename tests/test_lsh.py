@@ -180,3 +180,14 @@ def test_lsh_float32_against_float64_reference(mode, causal):
     g64 = torch.autograd.grad(ref, (qk64, v64), up)
     for a, b in zip(g32, g64):
         assert (a.double() - b).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("mode,causal", MODES)
+def test_lsh_int64_pair_keys(mode, causal, monkeypatch):
+    """Keys too large for int32 (many heads per group, many buckets) take the int64 path."""
+    from reformer.attention import lsh
+
+    monkeypatch.setattr(lsh, "INT32_KEYS_BELOW", 0)
+    qk, v, mask = _inputs(2, 2, 29, 5, padded=True)
+    rot = draw_rotations(2, 5, 2, 8, dtype=F64)
+    _compare(qk, v, mask, rot, chunk_len=4, causal=causal, mode=mode)

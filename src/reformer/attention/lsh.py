@@ -57,6 +57,8 @@ FACTORISE_ABOVE = 128
 # (heads x R x Lp x D): the sorted copies of q, k, v and their gradients exist for one group
 # at a time, which bounds the working set whatever the batch and the number of heads.
 GROUP_ENTRIES = 1 << 22
+# The pair-code keys are int32 while they stay below this (doubled, they must fit), else int64.
+INT32_KEYS_BELOW = 1 << 30
 
 
 def auto_n_buckets(length: int, chunk_len: int) -> int:
@@ -235,7 +237,10 @@ def _group_layout(
     e_tok = e_slot[undo].view(G, R, Lp)  # e of each (head, round, position)
     # e of every round for the token in each sorted slot, doubled so that one test suffices:
     # 0 <= d <= T  <=>  |2 d - T| <= T.
-    e_all = (2 * e_tok).transpose(0, 1).reshape(R, G * Lp)[:, src].to(torch.int32)  # (R, G*S)
+    # (R, G * S); int32 halves the memory traffic of the counting passes when e fits in it
+    small = int(e_slot.max()) < INT32_KEYS_BELOW
+    e_all = (2 * e_tok).transpose(0, 1).reshape(R, G * Lp)[:, src]
+    e_all = e_all.to(torch.int32) if small else e_all
     e_q = e_all - T
     e_k = torch.cat([e_all.new_zeros(R, C), e_all], dim=1)  # with filler slots
 
@@ -243,8 +248,8 @@ def _group_layout(
     if mode == "window":
         # Candidates sit in a band of the (C, 2C) layout: query c, key c + t, t = 0..C (the C
         # nearest earlier slots and itself). Same-bucket keys in it are earlier positions.
-        q_id = torch.where(real_s, rb_s, -2).to(torch.int32)  # padded queries match nothing
-        k_id = _with_filler(rb_s.to(torch.int32), C, -1)
+        q_id = torch.where(real_s, rb_s, -2).to(e_all.dtype)  # padded queries match nothing
+        k_id = _with_filler(rb_s.to(e_all.dtype), C, -1)
         codes.zero_()
         for sl in row_slices(rows, C * (C + 1)):
             m, a = sl.stop - sl.start, sl.start * C
