@@ -1,12 +1,12 @@
-"""Activation memory against depth: one training step at L = 16,384 for 2 and 12 layers.
+"""Activation memory against depth: one training step at L = 16,384 for 2, 12 and 24 layers.
 
 The reversible stack stores no per-layer activations, so the deeper model's peak RSS should
 exceed the shallower one's by no more than its extra parameters and their gradients.
 
-    python -m bench.memory_depth [--length 16384] [--layers 2 12] [--reversible both]
+    python -m bench.memory_depth [--length 16384] [--layers 2 12 24] [--reversible both]
 
-Each configuration runs in a fresh process; peak RSS is ru_maxrss minus the RSS measured
-in that process after building the model and optimiser, just before the step. Workers run
+Each configuration runs in a fresh process; peak RSS is the peak (VmHWM, reset just before
+the step) minus the RSS measured in that process after building the model and optimiser. Workers run
 with glibc's mmap threshold fixed at 64 KiB (bench/_harness.py says why);
 `--glibc-default` measures without it.
 """
@@ -25,6 +25,7 @@ from bench._harness import (
     command_line,
     environment,
     peak_rss_mib,
+    reset_peak_rss,
     run_fresh,
     save_png,
     write_json,
@@ -52,6 +53,7 @@ def worker(args: dict) -> dict:
     model = ReformerLM(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)  # stateless: adds only the gradients
+    reset_peak_rss()
     base = peak_rss_mib()  # DESIGN 7: the process's RSS before the work (model built)
     t0 = time.perf_counter()
     loss = model.loss(ids[:, :-1], ids[:, 1:])
@@ -72,7 +74,7 @@ def worker(args: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--length", type=int, default=16384)
-    parser.add_argument("--layers", type=int, nargs="+", default=[2, 12])
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 12, 24])
     parser.add_argument("--n-hashes", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reversible", choices=["yes", "no", "both"], default="yes")
