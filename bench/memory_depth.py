@@ -4,6 +4,11 @@ The reversible stack stores no per-layer activations, so the deeper model's peak
 exceed the shallower one's by no more than its extra parameters and their gradients.
 
     python -m bench.memory_depth [--length 16384] [--layers 2 12 24] [--reversible both]
+    python -m bench.memory_depth --name memory_length --lengths 4096 16384 65536 \
+        --layers 12 --reversible both --chunking both      # against length and chunking
+
+--chunking no turns off the chunked feed-forward and the chunked logits and loss (the
+paper's third memory lever): their (L, d_ff) and (L, vocab) intermediates then exist whole.
 
 Each configuration runs in a fresh process; peak RSS is the peak (VmHWM, reset just before
 the step) minus the RSS measured in that process after building the model and optimiser. Workers run
@@ -38,7 +43,10 @@ def worker(args: dict) -> dict:
     torch.set_num_threads(args["threads"])
     torch.manual_seed(0)
     ids = torch.randint(0, 256, (1, args["length"]))
+    chunked = args.get("chunking", True)
     cfg = ReformerConfig(
+        ff_chunk_len=4096 if chunked else None,
+        loss_chunk_len=4096 if chunked else None,
         vocab_size=256,
         d_model=256,
         n_heads=4,
@@ -61,6 +69,8 @@ def worker(args: dict) -> dict:
     opt.step()
     seconds = time.perf_counter() - t0
     return {
+        "length": args["length"],
+        "chunking": chunked,
         "layers": args["layers"],
         "reversible": args["reversible"],
         "params": n_params,
@@ -73,7 +83,9 @@ def worker(args: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--length", type=int, default=16384)
+    parser.add_argument("--length", "--lengths", type=int, nargs="+", default=[16384])
+    parser.add_argument("--chunking", choices=["yes", "no", "both"], default="yes")
+    parser.add_argument("--name", default="memory_depth", help="bench/results/NAME.json, .png")
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 12, 24])
     parser.add_argument("--n-hashes", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
@@ -90,27 +102,31 @@ def main() -> None:
         print(json.dumps(worker(json.loads(ns.worker))))
         return
     print("reproduce with:", command_line(), flush=True)
-    revs = {"yes": [True], "no": [False], "both": [True, False]}[ns.reversible]
+    choice = {"yes": [True], "no": [False], "both": [True, False]}
+    revs, chunkings = choice[ns.reversible], choice[ns.chunking]
     rows = []
-    for reversible in revs:
-        for layers in ns.layers:
-            row = run_fresh(
-                "bench.memory_depth",
-                dict(
-                    length=ns.length,
-                    layers=layers,
-                    n_hashes=ns.n_hashes,
-                    threads=ns.threads,
-                    reversible=reversible,
-                ),
-                env={"MALLOC_MMAP_THRESHOLD_": None} if ns.glibc_default else None,
-            )
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    for length in ns.length:
+        for chunking in chunkings:
+            for reversible in revs:
+                for layers in ns.layers:
+                    args = dict(length=length, layers=layers, n_hashes=ns.n_hashes)
+                    args |= dict(threads=ns.threads, reversible=reversible, chunking=chunking)
+                    env = {"MALLOC_MMAP_THRESHOLD_": None} if ns.glibc_default else None
+                    row = run_fresh("bench.memory_depth", args, env=env)
+                    rows.append(args | row)
+                    print(json.dumps(rows[-1]), flush=True)
     summary = {}
     for reversible in revs:
+        # Depth: the first length, chunked as asked first.
         sel = sorted(
-            (r for r in rows if r.get("reversible") == reversible and "error" not in r),
+            (
+                r
+                for r in rows
+                if r["reversible"] == reversible
+                and r["length"] == ns.length[0]
+                and r["chunking"] == chunkings[0]
+                and "error" not in r
+            ),
             key=lambda r: r["layers"],
         )
         if len(sel) >= 2:
@@ -135,7 +151,7 @@ def main() -> None:
                 f"gradients {extra:.1f} MiB (params+grads {2 * extra:.1f} MiB) -> "
                 f"{'OK' if growth <= 2 * extra else 'EXCEEDS'} ({growth - extra:+.1f} MiB "
                 "beyond the extra gradients; one (B, L, d_model) fp32 activation is "
-                f"{ns.length * 256 * 4 / 2**20:.0f} MiB)"
+                f"{ns.length[0] * 256 * 4 / 2**20:.0f} MiB)"
             )
     out = {
         "command": command_line(),
@@ -144,34 +160,44 @@ def main() -> None:
             "threads": ns.threads,
             "glibc_mmap_threshold": "dynamic" if ns.glibc_default else "64 KiB",
         },
-        "length": ns.length,
+        "lengths": ns.length,
         "rows": rows,
         "summary": summary,
     }
-    write_json(RESULTS / "memory_depth.json", out)
+    write_json(RESULTS / f"{ns.name}.json", out)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for reversible in revs:
-        sel = sorted(
-            (r for r in rows if r.get("reversible") == reversible and "error" not in r),
-            key=lambda r: r["layers"],
-        )
-        ax.plot(
-            [r["layers"] for r in sel],
-            [r["peak_rss_mib"] for r in sel],
-            "o-",
-            label="reversible" if reversible else "ordinary residual",
-        )
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    by_length = len(ns.length) > 1
+    for length in ns.length if by_length else ns.length[:1]:
+        for chunking in chunkings:
+            for reversible in revs:
+                sel = sorted(
+                    (
+                        r
+                        for r in rows
+                        if (r["length"], r["chunking"], r["reversible"])
+                        == (length, chunking, reversible)
+                        and "error" not in r
+                    ),
+                    key=lambda r: r["layers"],
+                )
+                label = "reversible" if reversible else "ordinary residual"
+                label += "" if chunking else ", unchunked ff and loss"
+                if by_length:
+                    label += f", L = {length}"
+                ax.plot(
+                    [r["layers"] for r in sel], [r["peak_rss_mib"] for r in sel], "o-", label=label
+                )
     ax.set_xlabel("layers")
     ax.set_ylabel("peak RSS of one training step (MiB)")
-    ax.set_title(f"LSH-{ns.n_hashes}, L = {ns.length}, d_model 256")
-    ax.legend()
-    save_png(fig, RESULTS / "memory_depth.png")
-    print("wrote", RESULTS / "memory_depth.json", "and", RESULTS / "memory_depth.png")
+    ax.set_title(f"LSH-{ns.n_hashes}, d_model 256" + ("" if by_length else f", L = {ns.length[0]}"))
+    ax.legend(fontsize=7)
+    save_png(fig, RESULTS / f"{ns.name}.png")
+    print("wrote", RESULTS / f"{ns.name}.json", "and", RESULTS / f"{ns.name}.png")
     sys.stdout.flush()
 
 
