@@ -33,12 +33,13 @@ demo: $(STAMP)
 	$(VENV)/bin/reformer train --preset duplication-small --out $(DEMO_DIR) --resume
 	$(VENV)/bin/reformer plot $(DEMO_DIR)
 
-# The benchmarks, sized to finish in about 45 minutes on 2 CPU cores (each writes
+# The benchmarks, sized to finish in about an hour on 2 CPU cores (each writes
 # bench/results/NAME.json and .png; bench/README.md has the full-size commands). The peers
 # (reformer-pytorch, transformers) are installed under the same torch pin.
 bench: $(STAMP)
 	$(PIP) install -c constraints.txt -e '.[bench,test]'
 	$(PY) -m bench.memory_depth --reversible both
+	$(PY) -m bench.memory_depth --name memory_length --lengths 4096 16384 65536 --layers 12 --reversible both --chunking both
 	$(PY) -m bench.attention --lengths 1024 4096 16384 --time-budget 900
 	$(PY) -m bench.attention --name attention64k --lengths 65536 --configs lsh-1 lsh-4 local sdpa --repeats 1 --time-budget 600
 	$(PY) -m bench.flat --tokens 65536 --lengths 1024 4096 16384 65536 --kinds lsh-1 lsh-4 full --repeats 1 --time-budget 900

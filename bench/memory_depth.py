@@ -81,6 +81,47 @@ def worker(args: dict) -> dict:
     }
 
 
+def plot(rows, layers, lengths, revs, chunkings, n_hashes: int, name: str) -> None:
+    """Peak RSS against depth (several layer counts), else against length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    by_depth = len(layers) > 1
+    for length in lengths if by_depth else [None]:
+        for chunking in chunkings:
+            for reversible in revs:
+                sel = [
+                    r
+                    for r in rows
+                    if (r["chunking"], r["reversible"]) == (chunking, reversible)
+                    and (length is None or r["length"] == length)
+                    and "error" not in r
+                ]
+                key = "layers" if by_depth else "length"
+                sel.sort(key=lambda r: r[key])
+                label = "reversible" if reversible else "ordinary residual"
+                label += "" if chunking else ", unchunked ff and loss"
+                if by_depth and len(lengths) > 1:
+                    label += f", L = {length}"
+                ax.plot([r[key] for r in sel], [r["peak_rss_mib"] for r in sel], "o-", label=label)
+    if by_depth:
+        ax.set_xlabel("layers")
+        title = f", L = {lengths[0]}" if len(lengths) == 1 else ""
+    else:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length L (batch 1)")
+        title = f", {layers[0]} layers"
+    ax.set_ylabel("peak RSS of one training step (MiB)")
+    ax.set_title(f"LSH-{n_hashes}, d_model 256" + title)
+    ax.legend(fontsize=7)
+    save_png(fig, RESULTS / f"{name}.png")
+    print("wrote", RESULTS / f"{name}.json", "and", RESULTS / f"{name}.png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--length", "--lengths", type=int, nargs="+", default=[16384])
@@ -165,39 +206,7 @@ def main() -> None:
         "summary": summary,
     }
     write_json(RESULTS / f"{ns.name}.json", out)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    by_length = len(ns.length) > 1
-    for length in ns.length if by_length else ns.length[:1]:
-        for chunking in chunkings:
-            for reversible in revs:
-                sel = sorted(
-                    (
-                        r
-                        for r in rows
-                        if (r["length"], r["chunking"], r["reversible"])
-                        == (length, chunking, reversible)
-                        and "error" not in r
-                    ),
-                    key=lambda r: r["layers"],
-                )
-                label = "reversible" if reversible else "ordinary residual"
-                label += "" if chunking else ", unchunked ff and loss"
-                if by_length:
-                    label += f", L = {length}"
-                ax.plot(
-                    [r["layers"] for r in sel], [r["peak_rss_mib"] for r in sel], "o-", label=label
-                )
-    ax.set_xlabel("layers")
-    ax.set_ylabel("peak RSS of one training step (MiB)")
-    ax.set_title(f"LSH-{ns.n_hashes}, d_model 256" + ("" if by_length else f", L = {ns.length[0]}"))
-    ax.legend(fontsize=7)
-    save_png(fig, RESULTS / f"{ns.name}.png")
-    print("wrote", RESULTS / f"{ns.name}.json", "and", RESULTS / f"{ns.name}.png")
+    plot(rows, ns.layers, ns.length, revs, chunkings, ns.n_hashes, ns.name)
     sys.stdout.flush()
 
 
