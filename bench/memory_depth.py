@@ -27,10 +27,9 @@ import torch
 
 from bench._harness import (
     RESULTS,
+    PeakMemory,
     command_line,
     environment,
-    peak_rss_mib,
-    reset_peak_rss,
     run_fresh,
     save_png,
     write_json,
@@ -61,8 +60,7 @@ def worker(args: dict) -> dict:
     model = ReformerLM(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)  # stateless: adds only the gradients
-    reset_peak_rss()
-    base = peak_rss_mib()  # DESIGN 7: the process's RSS before the work (model built)
+    meter = PeakMemory(torch.device("cpu"))  # DESIGN 7: from the RSS with the model built
     t0 = time.perf_counter()
     loss = model.loss(ids[:, :-1], ids[:, 1:])
     loss.backward()
@@ -75,7 +73,7 @@ def worker(args: dict) -> dict:
         "reversible": args["reversible"],
         "params": n_params,
         "param_mib": n_params * 4 / 2**20,
-        "peak_rss_mib": peak_rss_mib() - base,
+        "peak_rss_mib": meter.mib(),
         "step_seconds": seconds,
         "loss": float(loss.detach()),
     }

@@ -22,14 +22,15 @@ from .common import upcast
 SLICE_ENTRIES = 1 << 21
 
 
-def slice_rows(per_row: int) -> int:
-    """Rows per slice: about SLICE_ENTRIES entries, at least one row."""
-    return max(1, SLICE_ENTRIES // max(1, per_row))
+def slice_rows(per_row: int, entries: int | None = None) -> int:
+    """Rows per slice: about `entries` (default SLICE_ENTRIES) entries, at least one row."""
+    return max(1, (SLICE_ENTRIES if entries is None else entries) // max(1, per_row))
 
 
-def row_slices(rows: int, per_row: int) -> list[slice]:
-    """Consecutive slices of `rows`, each holding about SLICE_ENTRIES = rows x per_row."""
-    step = slice_rows(per_row)
+def row_slices(rows: int, per_row: int, entries: int | None = None) -> list[slice]:
+    """Consecutive slices of `rows`, each holding about `entries` (default SLICE_ENTRIES)
+    = rows x per_row."""
+    step = slice_rows(per_row, entries)
     return [slice(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 

@@ -176,20 +176,11 @@ def _head_rows(heads: slice, Lp: int, H: int, device: torch.device) -> Tensor:
     return (((hr // H) * Lp + pos) * H + hr % H).view(-1)
 
 
-def _head_groups(n_heads: int, per_head: int) -> list[slice]:
-    step = max(1, GROUP_ENTRIES // max(1, per_head))
-    return [slice(a, min(a + step, n_heads)) for a in range(0, n_heads, step)]
-
-
-def _windows(buf: Tensor, first_row: int, rows: int, chunk_len: int) -> Tensor:
-    """(rows, 2C, ...) overlapping view of a sorted buffer that starts with C filler slots:
-    window m is the slots of chunk m - 1 and chunk m, i.e. buffer slots [mC, mC + 2C)."""
-    inner = buf.stride(0)
-    return buf.as_strided(
-        (rows, 2 * chunk_len, *buf.shape[1:]),
-        (chunk_len * inner, *buf.stride()),
-        buf.storage_offset() + first_row * chunk_len * inner,
-    )
+def _windows(buf: Tensor, rows: int, chunk_len: int) -> Tensor:
+    """(rows, 2C, D) overlapping view of a (C + rows C, D) buffer of sorted slots that starts
+    with the C slots before its first chunk: window m is buffer slots [mC, mC + 2C)."""
+    D = buf.shape[-1]
+    return _strided(buf, shape=(rows, 2 * chunk_len, D), strides=(chunk_len * D, D, 1), at=0)
 
 
 def _with_filler(x: Tensor, chunk_len: int, value: int | float = 0) -> Tensor:
@@ -348,11 +339,12 @@ class _LSHCore(torch.autograd.Function):
         scale_all = torch.empty(BH * S, dtype=stat, device=q.device)
         q_f, k_f, v_f = (_rows(x) for x in (q, k, v))
         bufs = _SliceBuffers(q_f, C, BH * R * N)
-        for g in _head_groups(BH, S * D):
+        for g in row_slices(BH, S * D, GROUP_ENTRIES):
             G, rows = g.stop - g.start, slice(g.start * R * N, g.stop * R * N)
             flat = slice(g.start * S, g.stop * S)
             src_g, undo = _group_layout(buckets[g], n_buckets, C, mode, causal, codes[rows])
-            src_g = _head_rows(g, Lp, H, q.device)[src_g]
+            rows_g = _head_rows(g, Lp, H, q.device)  # (head, position) -> row of q_f
+            src_g = rows_g[src_g]
             src[flat] = src_g
             o_s = q.new_empty(G * S, D)
             top_s, total_s = top_all[flat], torch.empty(G * S, dtype=stat, device=q.device)
@@ -378,7 +370,7 @@ class _LSHCore(torch.autograd.Function):
                     torch.mul(o_r.view(G, Lp, D), w[:, 0, :, None], out=out_g)
                 else:
                     out_g.addcmul_(o_r.view(G, Lp, D), w[:, r, :, None])
-            out.view(-1, D).index_copy_(0, _head_rows(g, Lp, H, q.device), out_g.view(-1, D))
+            out.view(-1, D).index_copy_(0, rows_g, out_g.view(-1, D))
         out = out.transpose(1, 2)
         ctx.save_for_backward(q, k, v, codes, src, top_all, scale_all, out)
         ctx.layout = (R, C)
@@ -398,7 +390,7 @@ class _LSHCore(torch.autograd.Function):
         )
         bufs = _SliceBuffers(q_f, C, BH * R * N)
         do_t, dk_t, dv_t = bufs.new(0), bufs.new(C), bufs.new(C)
-        for g in _head_groups(BH, S * D):
+        for g in row_slices(BH, S * D, GROUP_ENTRIES):
             rows = slice(g.start * R * N, g.stop * R * N)
             flat = slice(g.start * S, g.stop * S)
             src_g, top_s, scale_s, code_g = src[flat], top_all[flat], scale_all[flat], codes[rows]
@@ -452,5 +444,5 @@ class _SliceBuffers:
                 torch.index_select(x, 0, src[:n], out=buf[C : C + n])
             else:
                 torch.index_select(x, 0, src[a - C : a + n], out=buf[: C + n])
-            windows.append(_windows(buf, 0, m, C))
+            windows.append(_windows(buf, m, C))
         return qt, windows[0], windows[1]
