@@ -6,9 +6,9 @@ d_model 256, 4 heads of 64, batch 1, causal, at L = 1K, 4K, 16K, 64K (--lengths)
     ours local   the same module, local attention over chunk + previous chunk (64)
     ours full    the same module, dense shared-QK attention (O(L^2) bias)
     lsh-4-core   the LSH-4 core alone (no projections; inputs laid out as the projections
-                 make them); with the matmul ceiling measured at
-                 the start of the run (square 2048 products and the core's tile shape), the
-                 rows' "of_ceiling" is their achieved GFLOP/s over the square ceiling
+                 make them). The matmul ceiling is measured at the start of the run (square
+                 2048 products and the core's tile shape); each row's "of_ceiling" is its
+                 achieved GFLOP/s over the square ceiling
     sdpa         dense causal F.scaled_dot_product_attention(is_causal=True) with q/k/v/out
                  projections: the baseline every row's "x sdpa" ratio divides by
     reformer-pytorch  reformer_pytorch.LSHSelfAttention(causal, n_hashes 4, bucket_size 64:
