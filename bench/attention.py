@@ -53,6 +53,7 @@ from bench._harness import (
     setup_worker,
     skip_reason,
     sync,
+    warm_lsh_kernels,
     write_json,
 )
 
@@ -189,6 +190,7 @@ def core_worker(args: dict[str, Any], device: torch.device, dtype: torch.dtype) 
         for _ in range(2)
     )
     n_buckets = auto_n_buckets(math.ceil(L / CHUNK) * CHUNK, CHUNK)
+    warm_lsh_kernels(device, dtype, CHUNK)
 
     def step() -> None:
         qk_.grad = v_.grad = None
@@ -236,6 +238,8 @@ def worker(args: dict[str, Any]) -> dict[str, Any]:
     length = args["length"]
     module, call = build(args["config"], length)
     module = module.to(device=device, dtype=dtype).train()
+    if CONFIGS[args["config"]].get("kind") == "lsh" and CONFIGS[args["config"]]["impl"] == "ours":
+        warm_lsh_kernels(device, dtype, CHUNK)
     x = torch.randn(1, length, D_MODEL, device=device, dtype=dtype, requires_grad=True)
 
     def step() -> None:

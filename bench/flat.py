@@ -37,6 +37,7 @@ from bench._harness import (
     save_png,
     setup_worker,
     skip_reason,
+    warm_lsh_kernels,
     write_json,
 )
 
@@ -71,6 +72,8 @@ def lm_step(args: dict[str, Any]) -> Callable[[], None]:
         reversible=args.get("reversible", True),
     )
     model = ReformerLM(cfg).to(device).train()
+    if "lsh" in cfg.layer_kinds:
+        warm_lsh_kernels(device, dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, 256, (args["batch"], length + 1), device=device)
     autocast = (

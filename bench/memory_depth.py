@@ -32,6 +32,7 @@ from bench._harness import (
     environment,
     run_fresh,
     save_png,
+    warm_lsh_kernels,
     write_json,
 )
 
@@ -58,6 +59,7 @@ def worker(args: dict) -> dict:
         reversible=args["reversible"],
     )
     model = ReformerLM(cfg)
+    warm_lsh_kernels(torch.device("cpu"), torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)  # stateless: adds only the gradients
     meter = PeakMemory(torch.device("cpu"))  # DESIGN 7: from the RSS with the model built

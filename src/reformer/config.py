@@ -13,6 +13,7 @@ from typing import Any
 
 ATTENTION_KINDS = ("lsh", "full", "local")
 LSH_MODES = ("window", "chunk")
+LSH_KERNELS = ("auto", "eager", "compiled")
 POS_EMBS = ("axial", "absolute", "none")
 MAX_HASHES = 64  # LSH pair codes are int8 (attention/lsh.py)
 
@@ -83,6 +84,11 @@ class ReformerConfig:
     """Even number of LSH buckets; None: 2 * next_pow2(ceil(L / chunk_len)) for each length L."""
     lsh_mode: str | None = None
     """'window' (strictly causal; default if causal) or 'chunk' (the paper's; default if not)."""
+    lsh_kernel: str = "auto"
+    """How LSH runs the elementwise work on its score tiles: 'eager' (plain PyTorch, the
+    reference), 'compiled' (torch.compile fuses it; needs a C++ compiler on CPU), or 'auto'
+    (compiled for calls of >= 2^18 sorted slots, B * H * n_hashes * L, when a compiler is
+    there; the environment variable REFORMER_LSH_KERNEL overrides it)."""
     causal: bool = True
     reversible: bool = True
     """Reversible residual layers (True) or ordinary pre-norm residual layers (False)."""
@@ -168,6 +174,11 @@ class ReformerConfig:
             raise ValueError(
                 "ReformerConfig.lsh_mode='window' is the strictly causal mode and needs "
                 "causal=True; non-causal models use lsh_mode='chunk'"
+            )
+
+        if self.lsh_kernel not in LSH_KERNELS:
+            raise ValueError(
+                f"ReformerConfig.lsh_kernel must be one of {LSH_KERNELS}; got {self.lsh_kernel!r}"
             )
 
         if self.pos_emb not in POS_EMBS:

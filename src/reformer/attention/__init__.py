@@ -46,6 +46,7 @@ class Attention(nn.Module):
         self.n_hashes = config.n_hashes
         self.n_buckets = config.n_buckets
         self.lsh_mode = config.resolved_lsh_mode
+        self.lsh_kernel = config.lsh_kernel
         self.shared_qk = config.shared_qk_for(kind)
         inner = self.n_heads * self.head_dim
         if self.shared_qk:
@@ -116,6 +117,7 @@ class Attention(nn.Module):
                 causal=self.causal,
                 mode=self.lsh_mode,
                 attention_mask=attention_mask,
+                kernel=self.lsh_kernel,
             )
         elif self.kind == "local":
             out = local_attention(

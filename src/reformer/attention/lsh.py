@@ -26,7 +26,7 @@ memory whatever B * H is); rows of chunks are processed in slices of about 2^21 
     recomputes scores and probabilities slice by slice (as flash attention does). With P_rij
     the probability of pair (i, j) through round r within the union's softmax,
     dS_rij = P_rij (dO_i . v_j - dO_i . O_i): no per-round outputs are needed;
-  - exp() never sees a denormal (EXP_FLOOR), and gradients go back to positions by
+  - exp() never sees a denormal (tiles.EXP_FLOOR), and gradients go back to positions by
     index_add_.
 """
 
@@ -38,10 +38,9 @@ import math
 import torch
 from torch import Tensor
 
+from . import tiles
 from .chunked import row_slices, slice_rows
 from .common import (
-    MASK_SCORE,
-    SELF_SCORE,
     pad_to,
     padded_length,
     unit_keys,
@@ -129,6 +128,7 @@ def lsh_attention(
     causal: bool,
     mode: str,
     attention_mask: Tensor | None = None,
+    kernel: str = "auto",
 ) -> Tensor:
     """Shared-QK LSH attention.
 
@@ -140,6 +140,8 @@ def lsh_attention(
         causal: keep only j <= i.
         mode: "window" (strictly causal; needs causal) or "chunk".
         attention_mask: optional (B, L) bool/int, True/1 at real tokens, False/0 at padding.
+        kernel: "eager", "compiled" or "auto": how the elementwise work on the score tiles
+            runs (`tiles.py`); the results agree to rounding.
     Returns:
         (B, H, L, D). Outputs at padded positions are finite but meaningless.
     """
@@ -159,7 +161,9 @@ def lsh_attention(
     with torch.no_grad():
         buckets = hash_vectors(qk, rotations).masked_fill(~valid[:, None, None, :], K)
     keys = unit_keys(qk)
-    out = _LSHCore.apply(qk, keys, v, buckets.reshape(B * H, R, Lp), K, C, mode, causal)
+    fused = tiles.resolve_kernel(kernel, B * H * R * Lp, qk.device)
+    kernels = (fused, kernel != "compiled")
+    out = _LSHCore.apply(qk, keys, v, buckets.reshape(B * H, R, Lp), K, C, mode, causal, kernels)
     return out[:, :, :L]
 
 
@@ -211,10 +215,12 @@ def _group_layout(
     qual = (torch.arange(G, device=device)[:, None] * R + torch.arange(R, device=device)) * (K + 1)
     rb = (buckets + qual[..., None]).view(-1)  # (G * S,) in (head, round, position) order
     rb_s, order = torch.sort(rb, stable=True)  # stable: positions ascend within a bucket
-    src = (order // S) * Lp + order % Lp
+    # Gathers rather than integer division by S and Lp (several times slower than a gather).
+    pos = torch.arange(Lp, device=device).expand(G, R, Lp)
+    src = (pos + (torch.arange(G, device=device) * Lp)[:, None, None]).reshape(-1)[order]
     undo = torch.empty_like(order)
     undo[order] = torch.arange(order.numel(), device=device)
-    real_s = (rb_s % (K + 1)) != K  # (G * S,) the slot holds a real token
+    real_s = (buckets != K).view(-1)[order]  # (G * S,) the slot holds a real token
 
     # e(x) per round: j is in S_r(i) exactly when 0 <= e_r(i) - e_r(j) <= T.
     #   chunk:  e = chunk index in sorted order, T = 1;
@@ -253,7 +259,7 @@ def _group_layout(
             codes[sl].as_strided((m, C, C + 1), (2 * C * C, 2 * C + 1, 1)).copy_(count)
         return src, undo
 
-    pos_s = _with_filler((order % Lp).to(torch.int32), C)
+    pos_s = _with_filler(pos.to(torch.int32).reshape(-1)[order], C)
     k_real = _with_filler(real_s, C, False)
     back_half = torch.arange(2 * C, device=device) < C
     for sl in row_slices(rows, C * 2 * C):
@@ -286,44 +292,17 @@ def _count_rounds(e_q, e_k, a, m, C, T, keys_view) -> Tensor:
     return count
 
 
-# exp() of scores this far below the row's maximum is set to exp(EXP_FLOOR) before the
-# candidate weight (0 for non-candidates) multiplies it: no denormal or underflowing exp,
-# which run several times slower on CPUs. exp(-80) is 1.8e-35 in float32: far below any
-# probability that matters, and exactly 0 after the weight where j is not a candidate.
-EXP_FLOOR = -80.0
-
-
-def _tile_probs(s: Tensor, code: Tensor, chunk_len: int, top: Tensor | None, scale=None):
-    """Scores (m, C, 2C), in place -> probabilities exp(s - top) / N_ij over the row's
-    candidates (0 elsewhere), times `scale` (m, C) when `top` (m, C) is given. Without
-    `top`, normalise within the row and return (probabilities, top, total)."""
-    f = code.to(s.dtype)
-    weight = f.clamp(min=1).reciprocal_()  # 1 / N_ij
-    f.clamp_(max=1)  # 1 for candidates, 0 elsewhere
-    weight.mul_(f)
-    s.add_(f.sub_(1), alpha=-MASK_SCORE)  # non-candidates down by |MASK_SCORE|: off the max
-    # The self score (added to q.k_i: exp(SELF_SCORE) underflows as an override would).
-    s.diagonal(offset=chunk_len, dim1=1, dim2=2).add_(SELF_SCORE)
-    if top is not None:
-        weight.mul_(scale[..., None])
-        return s.sub_(top[..., None]).clamp_(min=EXP_FLOOR).exp_().mul_(weight)
-    top = s.amax(dim=-1)
-    p = s.sub_(top[..., None]).clamp_(min=EXP_FLOOR).exp_().mul_(weight)
-    # A row without candidates (a padded query) gets p = 0 and a finite normaliser.
-    total = p.sum(dim=-1).clamp_(min=torch.finfo(s.dtype).tiny)
-    return p.div_(total[..., None]), top, total
-
-
 class _LSHCore(torch.autograd.Function):
     """q, k (unit keys), v: (B, H, Lp, D); buckets (B * H, R, Lp) -> out (B, H, Lp, D).
 
     Each slice of chunk rows gathers its own queries, keys and values (the keys and values
     with the C slots before the slice, the look-back of its first row) into small reused
     buffers, so the sorted copies never exist whole; the backward pass adds each slice's
-    gradients straight back to the positions (index_add_)."""
+    gradients straight back to the positions (index_add_). Every per-slice and per-group
+    tensor lives in a buffer allocated once per call (`_SliceBuffers`)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, buckets, n_buckets, chunk_len, mode, causal):
+    def forward(ctx, q, k, v, buckets, n_buckets, chunk_len, mode, causal, kernels):
         B, H, Lp, D = q.shape
         BH, R = B * H, buckets.shape[1]
         C, S = chunk_len, R * Lp
@@ -338,24 +317,35 @@ class _LSHCore(torch.autograd.Function):
         top_all = torch.empty(BH * S, dtype=stat, device=q.device)
         scale_all = torch.empty(BH * S, dtype=stat, device=q.device)
         q_f, k_f, v_f = (_rows(x) for x in (q, k, v))
-        bufs = _SliceBuffers(q_f, C, BH * R * N)
-        for g in row_slices(BH, S * D, GROUP_ENTRIES):
+        bufs = _SliceBuffers(q_f, C, BH * R * N, stat)
+        groups = row_slices(BH, S * D, GROUP_ENTRIES)
+        G_max = groups[0].stop - groups[0].start
+        o_all = q.new_empty(G_max * S, D)  # per sorted slot: its round's output
+        total_all = torch.empty(G_max * S, dtype=stat, device=q.device)
+        out_all, o_r_all = q.new_empty(G_max * Lp, D), q.new_empty(G_max * Lp, D)
+        for g in groups:
             G, rows = g.stop - g.start, slice(g.start * R * N, g.stop * R * N)
             flat = slice(g.start * S, g.stop * S)
             src_g, undo = _group_layout(buckets[g], n_buckets, C, mode, causal, codes[rows])
             rows_g = _head_rows(g, Lp, H, q.device)  # (head, position) -> row of q_f
             src_g = rows_g[src_g]
             src[flat] = src_g
-            o_s = q.new_empty(G * S, D)
-            top_s, total_s = top_all[flat], torch.empty(G * S, dtype=stat, device=q.device)
+            o_s, top_s, total_s = o_all[: G * S], top_all[flat], total_all[: G * S]
             for sl in row_slices(G * R * N, C * 2 * C):
                 m, a = sl.stop - sl.start, sl.start * C
+                n = m * C
                 qt, kw, vw = bufs.gather(q_f, k_f, v_f, src_g, a, m)
-                s = upcast(torch.bmm(qt, kw.transpose(1, 2)))
-                p, top_s[a : a + m * C].view(m, C)[:], total_s[a : a + m * C].view(m, C)[:] = (
-                    _tile_probs(s, codes[rows][sl], C, None)
+                s = bufs.scores(0, qt, kw)
+                p = tiles.run(
+                    *kernels,
+                    "forward",
+                    s,
+                    codes[rows][sl],
+                    C,
+                    top_s[a : a + n].view(m, C),
+                    total_s[a : a + n].view(m, C),
                 )
-                torch.bmm(p.to(v.dtype), vw, out=o_s[a : a + m * C].view(m, C, D))
+                torch.bmm(p.to(v.dtype), vw, out=o_s[a : a + n].view(m, C, D))
             # Combine the rounds by their log-sum-exps.
             lse_s = top_s + total_s.log()
             w_u = torch.softmax(lse_s.index_select(0, undo).view(G, R, Lp), dim=1)
@@ -363,7 +353,7 @@ class _LSHCore(torch.autograd.Function):
             scale_all[flat] /= total_s
             w = w_u.to(q.dtype)
             undo = undo.view(G, R, Lp)
-            out_g, o_r = q.new_empty(G, Lp, D), q.new_empty(G * Lp, D)
+            out_g, o_r = out_all[: G * Lp].view(G, Lp, D), o_r_all[: G * Lp]
             for r in range(R):
                 torch.index_select(o_s, 0, undo[:, r].reshape(-1), out=o_r)
                 if r == 0:
@@ -373,7 +363,7 @@ class _LSHCore(torch.autograd.Function):
             out.view(-1, D).index_copy_(0, rows_g, out_g.view(-1, D))
         out = out.transpose(1, 2)
         ctx.save_for_backward(q, k, v, codes, src, top_all, scale_all, out)
-        ctx.layout = (R, C)
+        ctx.layout, ctx.kernels = (R, C), kernels
         return out
 
     @staticmethod
@@ -382,14 +372,16 @@ class _LSHCore(torch.autograd.Function):
         R, C = ctx.layout
         B, H, Lp, D = q.shape
         BH, S, N = B * H, R * Lp, Lp // C
+        stat = top_all.dtype
         # dS = P * (dO . v_j - dO . O): the softmax backward over the union.
         dot = _rows((upcast(d_out) * upcast(out)).sum(-1, keepdim=True)).view(-1)
         q_f, k_f, v_f, do_f = (_rows(x) for x in (q, k, v, d_out))
         dq, dk, dv = (
             torch.zeros_like(x, memory_format=torch.contiguous_format) for x in (q_f, k_f, v_f)
         )
-        bufs = _SliceBuffers(q_f, C, BH * R * N)
-        do_t, dk_t, dv_t = bufs.new(0), bufs.new(C), bufs.new(C)
+        bufs = _SliceBuffers(q_f, C, BH * R * N, stat)
+        do_t, dq_t, dk_t, dv_t = bufs.new(0), bufs.new(0), bufs.new(C), bufs.new(C)
+        dot_t = dot.new_empty(bufs.max_rows * C)
         for g in row_slices(BH, S * D, GROUP_ENTRIES):
             rows = slice(g.start * R * N, g.stop * R * N)
             flat = slice(g.start * S, g.stop * S)
@@ -399,14 +391,20 @@ class _LSHCore(torch.autograd.Function):
                 n, idx = m * C, src_g[a : a + m * C]
                 qt, kw, vw = bufs.gather(q_f, k_f, v_f, src_g, a, m)
                 do = torch.index_select(do_f, 0, idx, out=do_t[:n]).view(m, C, D)
-                s = upcast(torch.bmm(qt, kw.transpose(1, 2)))
-                p = _tile_probs(
-                    s, code_g[sl], C, top_s[a : a + n].view(m, C), scale_s[a : a + n].view(m, C)
+                s, dp = bufs.scores(0, qt, kw), bufs.scores(1, do, vw)
+                ds, p = tiles.run(
+                    *ctx.kernels,
+                    "backward",
+                    s,
+                    code_g[sl],
+                    C,
+                    top_s[a : a + n].view(m, C),
+                    scale_s[a : a + n].view(m, C),
+                    dp,
+                    torch.index_select(dot, 0, idx, out=dot_t[:n]).view(m, C),
                 )
-                dp = upcast(torch.bmm(do, vw.transpose(1, 2)))
-                ds = dp.sub_(dot[idx].view(m, C, 1)).mul_(p).to(q.dtype)
-                p = p.to(v.dtype)
-                dq.index_add_(0, idx, torch.bmm(ds, kw).view(n, D))
+                ds, p = ds.to(q.dtype), p.to(v.dtype)
+                dq.index_add_(0, idx, torch.bmm(ds, kw, out=dq_t[:n].view(m, C, D)).view(n, D))
                 # Keys and values of the window: the first C belong to the previous chunk.
                 for grad, buf, x, y in ((dk, dk_t, ds, qt), (dv, dv_t, p, do)):
                     buf = buf[: C + n]
@@ -418,20 +416,33 @@ class _LSHCore(torch.autograd.Function):
                     else:
                         grad.index_add_(0, src_g[a - C : a + n], buf)
         dq, dk, dv = (x.view(B, Lp, H, D).transpose(1, 2) for x in (dq, dk, dv))
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 class _SliceBuffers:
     """Reused per-slice buffers: a slice's queries (m C, D), and its keys and values with the
-    C slots before it (C + m C, D), gathered in sorted order."""
+    C slots before it (C + m C, D), gathered in sorted order; two (m, C, 2C) score tiles."""
 
-    def __init__(self, like: Tensor, chunk_len: int, rows: int) -> None:
+    def __init__(self, like: Tensor, chunk_len: int, rows: int, stat: torch.dtype) -> None:
         self.like, self.C = like, chunk_len
         self.max_rows = min(rows, slice_rows(chunk_len * 2 * chunk_len))
         self.qt, self.kt, self.vt = self.new(0), self.new(chunk_len), self.new(chunk_len)
+        C = chunk_len
+        # bmm writes straight into the tiles when it computes in their dtype (else upcast)
+        self.tiles = [
+            like.new_empty(self.max_rows, C, 2 * C) if like.dtype == stat else None
+            for _ in range(2)
+        ]
 
     def new(self, extra: int) -> Tensor:
         return self.like.new_empty(extra + self.max_rows * self.C, self.like.shape[-1])
+
+    def scores(self, which: int, a: Tensor, b: Tensor) -> Tensor:
+        """a (m, C, D) @ b (m, 2C, D)^T into score tile `which` (in the statistics dtype)."""
+        tile = self.tiles[which]
+        if tile is None:
+            return upcast(torch.bmm(a, b.transpose(1, 2)))
+        return torch.bmm(a, b.transpose(1, 2), out=tile[: a.shape[0]])
 
     def gather(self, q_f: Tensor, k_f: Tensor, v_f: Tensor, src: Tensor, a: int, m: int):
         """Slots [a, a + m C) of `src`: queries (m, C, D); key and value windows (m, 2C, D)."""
