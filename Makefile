@@ -36,16 +36,16 @@ demo: $(STAMP)
 # The issue's four benchmarks, sized to finish in about 30 minutes on 2 CPU cores: attention
 # (one layer against the peers and dense SDPA), flat (the paper's Figure 5), memory (depth,
 # the per-token breakdown with the paper's accounting, the core's GFLOP/s against the matmul
-# ceiling) and scale (the longest step in 20 GiB, capped at 120 s per step). Each writes
+# ceiling) and scale (the longest step in 20 GiB, capped at 60 s per step). Each writes
 # bench/results/NAME.json and .png. The peers (reformer-pytorch, transformers) are installed
 # under the same torch pin.
 bench: $(STAMP)
 	$(PIP) install -c constraints.txt -e '.[bench,test]'
-	$(PY) -m bench.attention --lengths 1024 4096 16384 --time-budget 900
-	$(PY) -m bench.flat --tokens 65536 --lengths 1024 4096 16384 65536 --kinds lsh-1 lsh-4 full --repeats 1 --time-budget 600
+	$(PY) -m bench.attention --lengths 1024 4096 16384 --max-seconds 10 --time-budget 900
+	$(PY) -m bench.flat --tokens 65536 --lengths 1024 4096 16384 65536 --kinds lsh-1 lsh-4 full --repeats 1 --warmup 0
 	$(PY) -m bench.memory_depth --reversible both
 	$(PY) -m bench.memory_breakdown --length 16384
-	$(PY) -m bench.scale --name scale_quick --budget-gib 20 --models small ablation --max-step-seconds 120 --warmup 0 --repeats 1 --time-budget 600
+	$(PY) -m bench.scale --name scale_quick --budget-gib 20 --models small ablation --max-step-seconds 60 --warmup 0 --repeats 1 --time-budget 600
 
 # The full-size runs behind the README's other tables (about 1.5 hours): attention at 64K,
 # memory against length and chunking to 64K, the 20 GiB search with a 300 s cap per step,

@@ -8,9 +8,10 @@ on L, so the time per token stays flat; with full attention it grows linearly wi
     python -m bench.flat [--tokens 65536] [--lengths 1024 4096 16384 65536] [--kinds ...]
 
 Each (kind, L) runs in fresh processes (bench/_harness.py: run_measured); the reported time
-is the median of --repeats steps after a warm-up, and "norm" is the time per token over the
-same kind's time per token at the shortest L measured. A kind predicted (from its last L) to
-pass --max-mem-gib or --max-step-seconds is skipped at that L and beyond.
+is the median of --repeats steps after --warmup untimed ones (default 1), and "norm" is the
+time per token over the same kind's time per token at the shortest L measured. A kind
+predicted (from its last L) to pass --max-mem-gib or --max-step-seconds is skipped at that L
+and beyond.
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ def run(ns: argparse.Namespace) -> list[dict[str, Any]]:
                     d_ff=1024,
                     heads=4,
                     repeats=ns.repeats,
+                    warmup=ns.warmup,
                     threads=ns.threads,
                     device=ns.device,
                     dtype=ns.dtype,
@@ -193,6 +195,13 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed steps before timing, in the timing process (the kernels are compiled "
+        "before either process measures)",
+    )
     parser.add_argument("--max-mem-gib", "--max-rss-gib", type=float, default=20.0)
     parser.add_argument("--max-step-seconds", type=float, default=300.0, help="cap per step")
     parser.add_argument(

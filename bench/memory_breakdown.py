@@ -10,6 +10,7 @@ intermediate, the n_h L^2 attention matrix), and, measured in the same run, the 
 ceiling and the GFLOP/s of the LSH-4 attention core at the same L.
 
     python -m bench.memory_breakdown [--length 16384]
+    python -m bench.memory_breakdown --quick
 
 Live tensor bytes are what the profiler sees allocated; peak RSS (bench.scale) adds the
 allocator's slack and the process's fixed cost.
@@ -152,11 +153,16 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--name", default="memory_breakdown")
+    parser.add_argument("--quick", action="store_true", help="tiny run: L 1024")
     parser.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
     ns = parser.parse_args()
     if ns.worker:
         print(json.dumps(worker(json.loads(ns.worker))))
         return
+    if ns.quick:
+        ns.length = 1024
+        if ns.name == "memory_breakdown":  # keep quick results out of the real ones (git-ignored)
+            ns.name = "tmp/memory_breakdown"
     print("reproduce with:", command_line(), flush=True)
     from bench.attention import flop_count, matmul_ceiling
 
