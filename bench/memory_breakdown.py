@@ -127,24 +127,29 @@ def paper_terms(length: int) -> dict[str, float]:
 
 
 def plot(result: dict[str, Any], path) -> None:
+    """One bar per quantity (log scale): the live tensors at the peak, by category, beside
+    the paper's memory terms for the same model and L."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    cats = result["breakdown"]["by_category_mib"]
-    left = 0.0
-    for name, mib in cats.items():
-        ax.barh(["live tensors at the peak"], [mib], left=left, label=f"{name} {mib:.0f} MiB")
-        left += mib
-    terms = result["paper_terms_mib"]
-    dense = terms["dense attention b n_h l^2, one layer"]
-    ax.barh(["dense attention matrix\n(one layer, for scale)"], [dense], color="grey")
+    bars = [("live tensors at the peak, total", result["breakdown"]["peak_live_mib"], "C0")]
+    bars += [
+        (f"  live: {name}", mib, "C0")
+        for name, mib in result["breakdown"]["by_category_mib"].items()
+        if mib >= 1
+    ]
+    bars += [(f"paper: {name}", mib, "grey") for name, mib in result["paper_terms_mib"].items()]
+    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(bars) + 1.2))
+    names, values, colors = zip(*bars)
+    ax.barh(range(len(bars)), values, color=colors)
+    ax.set_yticks(range(len(bars)), names, fontsize=7)
+    ax.invert_yaxis()
     ax.set_xscale("log")
     ax.set_xlabel("MiB (log scale)")
-    ax.set_title(f"training step memory, small model, L = {result['length']}")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(f"one training step, small model, L = {result['length']}", fontsize=9)
+    fig.tight_layout()
     save_png(fig, path)
 
 
