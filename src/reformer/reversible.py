@@ -79,8 +79,12 @@ class ReversibleFunction(torch.autograd.Function):
             for block, (seed_f, seed_g) in zip(reversed(ctx.blocks), reversed(ctx.seeds)):
                 # G: X2 = Y2 - G(Y1); dL/dY1 += (dG/dY1)^T dL/dY2.
                 g, dy1_g, grads_g = block.ff_branch_vjp(y1, dy2, seed_g)
-                x2 = y2 - g
+                x2 = y2 = y2 - g
                 dy1 = dy1 + dy1_g
+                # Freed before the attention branch is recomputed, where the step peaks: the
+                # old Y2 (but the first, which ctx holds), G(Y1) and its gradient are three
+                # fewer (B, L, d_model) tensors alive there.
+                del g, dy1_g
                 # F: X1 = Y1 - F(X2); dL/dX2 = dL/dY2 + (dF/dX2)^T dL/dY1.
                 params_f = _trainable(block.attn_params())
                 with torch.enable_grad():
@@ -93,7 +97,7 @@ class ReversibleFunction(torch.autograd.Function):
                 dy2 = dy2 + dx2_f
                 y1, y2 = x1, x2
                 grads_per_block.append(list(grads_f) + list(grads_g))
-                del f, g, x2_
+                del f, x2_
         param_grads = [g for grads in reversed(grads_per_block) for g in grads]
         return (dy1, dy2, None, None, None, *param_grads)
 
