@@ -50,8 +50,9 @@ KINDS: dict[str, dict[str, Any]] = {
 EXPONENT = {"lsh": 0.0, "full": 1.0}
 
 
-def lm_step(args: dict[str, Any]) -> Callable[[], None]:
-    """A training step of the ReformerLM described by args (shared with bench.scale).
+def lm_training(args: dict[str, Any]) -> tuple[torch.nn.Module, Callable[[], None]]:
+    """The ReformerLM described by args and one training step of it (shared with bench.scale
+    and bench.memory_breakdown).
 
     args: attention, n_hashes, length, batch, layers, d_model, d_ff, heads, reversible;
     device/dtype from setup_worker (bfloat16 runs under autocast, parameters in float32).
@@ -90,11 +91,11 @@ def lm_step(args: dict[str, Any]) -> Callable[[], None]:
         loss.backward()
         opt.step()
 
-    return step
+    return model, step
 
 
 def worker(args: dict[str, Any]) -> dict[str, Any]:
-    step = lm_step(args)
+    _, step = lm_training(args)
     return measure(step, args, torch.device(args.get("device", "cpu")))
 
 

@@ -24,8 +24,6 @@ import json
 import sys
 from typing import Any
 
-import torch
-
 from bench._harness import (
     RESULTS,
     command_line,
@@ -33,43 +31,23 @@ from bench._harness import (
     run_fresh,
     run_measured,
     save_png,
-    warm_lsh_kernels,
     write_json,
 )
+from bench.flat import lm_training
+from bench.scale import MODELS
 
-MODEL = dict(d_model=256, d_ff=1024, heads=4, layers=6, n_hashes=4, chunk_len=64)
+# bench.scale's `small` model; bench.flat.lm_training uses chunk 64.
+MODEL = MODELS["small"] | dict(n_hashes=4, chunk_len=64)
 
 
 def worker(args: dict[str, Any]) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import Action
 
-    from reformer import ReformerConfig, ReformerLM
-
-    torch.set_num_threads(args["threads"])
-    torch.manual_seed(0)
     L = args["length"]
-    cfg = ReformerConfig(
-        vocab_size=256,
-        d_model=MODEL["d_model"],
-        n_heads=MODEL["heads"],
-        d_ff=MODEL["d_ff"],
-        n_layers=MODEL["layers"],
-        max_seq_len=L,
-        attention="lsh",
-        n_hashes=MODEL["n_hashes"],
-        chunk_len=MODEL["chunk_len"],
+    model, step = lm_training(
+        args | MODEL | dict(attention="lsh", batch=1, reversible=True, device="cpu")
     )
-    model = ReformerLM(cfg)
-    warm_lsh_kernels(torch.device("cpu"), torch.float32)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(0, 256, (1, L + 1))
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        model.loss(ids[:, :-1], ids[:, 1:]).backward()
-        opt.step()
-
     step()  # optimizer state exists from here on, as in training
     with profile(
         activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True

@@ -42,7 +42,7 @@ from bench._harness import (
     skip_reason,
     write_json,
 )
-from bench.flat import lm_step
+from bench.flat import lm_training
 
 MODELS: dict[str, dict[str, int]] = {
     "small": dict(d_model=256, d_ff=1024, heads=4, layers=6),
@@ -51,7 +51,8 @@ MODELS: dict[str, dict[str, int]] = {
 
 
 def worker(args: dict[str, Any]) -> dict[str, Any]:
-    return measure(lm_step(args), args, torch.device(args.get("device", "cpu")))
+    _, step = lm_training(args)
+    return measure(step, args, torch.device(args.get("device", "cpu")))
 
 
 class Search:

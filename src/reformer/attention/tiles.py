@@ -152,11 +152,16 @@ def compiled_backward(
 
 def compiler_available(device: torch.device) -> bool:
     """Whether torch.compile can build kernels here: Triton for CUDA, a C++ compiler on CPU."""
-    if device.type == "cuda":
+    return _compiler_available(device.type)
+
+
+@functools.cache  # asked on every long LSH call; searching PATH once per process is enough
+def _compiler_available(device_type: str) -> bool:
+    if device_type == "cuda":
         from torch.utils._triton import has_triton
 
         return has_triton()
-    if device.type != "cpu":
+    if device_type != "cpu":
         return False
     return any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++"))
 
