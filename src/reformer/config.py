@@ -15,6 +15,8 @@ ATTENTION_KINDS = ("lsh", "full", "local")
 LSH_MODES = ("window", "chunk")
 LSH_KERNELS = ("auto", "eager", "compiled")
 POS_EMBS = ("axial", "absolute", "none")
+FF_ACTIVATIONS = ("gelu", "relu")
+KEY_NORMS = ("l2", "rms")
 MAX_HASHES = 64  # LSH pair codes are int8 (attention/lsh.py)
 
 
@@ -105,6 +107,40 @@ class ReformerConfig:
     axial_dims: tuple[int, ...] | None = None
     """Width of each axial part (sum = d_model); None: d_model split in two halves."""
     layer_norm_eps: float = 1e-6
+    # --- Switches for checkpoints trained elsewhere (transformers' and trax's Reformer); the
+    # defaults are this library's choices. `reformer.interop` sets them when it imports.
+    ff_activation: str = "gelu"
+    """Feed-forward nonlinearity: 'gelu' (exact, erf) or 'relu' (both released checkpoints)."""
+    lsh_chunk_len: int | None = None
+    """Chunk length of the LSH layers; None: chunk_len."""
+    local_chunk_len: int | None = None
+    """Chunk length of the local layers; None: chunk_len (the enwik8 model: LSH 256, local 128)."""
+    bucket_factors: tuple[int, ...] | None = None
+    """Explicit LSH bucket factors in transformers' order (the first factor least significant
+    in the bucket id), hashed with one rotation tensor of width sum(factors) / 2 sliced per
+    factor, as transformers draws it; (512,) is an unfactorised 512. Needs n_buckets=None.
+    None: n_buckets (or the automatic rule), factorised above 128 buckets."""
+    lsh_wrap: bool = False
+    """LSH look-back wraps around (transformers, trax): the first sorted chunk of each round
+    sees the last chunk of the previous round (round 0: of the last round). Needs
+    lsh_mode='chunk' and lsh_dedup=False. False: a round's first chunk has no look-back."""
+    lsh_dedup: bool = True
+    """Duplicate correction: each LSH score minus log N_ij (N_ij the rounds whose candidate
+    set holds j), which makes the rounds' combination exactly softmax over their union.
+    False: rounds weighted by their log-sum-exps only (transformers, trax)."""
+    key_norm: str = "l2"
+    """Shared-QK keys: 'l2' (qk / max(|qk|, 1e-6)) or 'rms' (transformers: qk *
+    rsqrt(mean(qk^2) + 1e-6) / sqrt(head_dim), about 1e-8 apart)."""
+    attn_out_bias: bool = True
+    """Bias in the attention output projection (transformers' has none)."""
+    hash_seed: int | None = None
+    """LSH rotations drawn on every call from a generator seeded with this, in the model's
+    dtype, as transformers draws them when its config sets hash_seed (every layer and call
+    then hashes alike). None: fresh rotations per call and layer from the layer's seed."""
+    pad_multiple: int | None = None
+    """LSH layers pad each sequence with masked positions to a multiple of this (a multiple
+    of the LSH chunk length). None: the LSH chunk length. transformers pads to the least
+    common multiple of its chunk lengths, which changes what a wrapped look-back sees."""
 
     def __post_init__(self) -> None:
         _check_int("vocab_size", self.vocab_size, 2)
@@ -123,6 +159,36 @@ class ReformerConfig:
         _check_int("n_buckets", self.n_buckets, 2, optional=True)
         _check_int("ff_chunk_len", self.ff_chunk_len, 1, optional=True)
         _check_int("loss_chunk_len", self.loss_chunk_len, 1, optional=True)
+        _check_int("lsh_chunk_len", self.lsh_chunk_len, 1, optional=True)
+        _check_int("local_chunk_len", self.local_chunk_len, 1, optional=True)
+        _check_int("hash_seed", self.hash_seed, 0, optional=True)
+        _check_int("pad_multiple", self.pad_multiple, 1, optional=True)
+        _check_bool("lsh_wrap", self.lsh_wrap)
+        _check_bool("lsh_dedup", self.lsh_dedup)
+        _check_bool("attn_out_bias", self.attn_out_bias)
+        if self.ff_activation not in FF_ACTIVATIONS:
+            raise ValueError(
+                f"ReformerConfig.ff_activation must be one of {FF_ACTIVATIONS}; "
+                f"got {self.ff_activation!r}"
+            )
+        if self.key_norm not in KEY_NORMS:
+            raise ValueError(
+                f"ReformerConfig.key_norm must be one of {KEY_NORMS}; got {self.key_norm!r}"
+            )
+        self.bucket_factors = _int_tuple("bucket_factors", self.bucket_factors)
+        if self.bucket_factors is not None:
+            if self.n_buckets is not None:
+                raise ValueError(
+                    f"ReformerConfig.bucket_factors={self.bucket_factors} and n_buckets="
+                    f"{self.n_buckets} are both set; give one (bucket_factors fixes the count "
+                    "to their product)"
+                )
+            odd = [f for f in self.bucket_factors if f % 2]
+            if odd or min(self.bucket_factors) < 2:
+                raise ValueError(
+                    f"ReformerConfig.bucket_factors {self.bucket_factors} must be even ints "
+                    ">= 2 (each rotation gives +/- halves)"
+                )
         _check_bool("causal", self.causal)
         _check_bool("reversible", self.reversible)
         _check_bool("shared_qk", self.shared_qk, optional=True)
@@ -176,6 +242,19 @@ class ReformerConfig:
                 "causal=True; non-causal models use lsh_mode='chunk'"
             )
 
+        if self.lsh_wrap and (self.resolved_lsh_mode != "chunk" or self.lsh_dedup):
+            raise ValueError(
+                "ReformerConfig.lsh_wrap=True needs lsh_mode='chunk' and lsh_dedup=False "
+                f"(got lsh_mode={self.resolved_lsh_mode!r}, lsh_dedup={self.lsh_dedup}): the "
+                "wrap belongs to the chunk layout, and through it a key can sit in a query's "
+                "window twice, so N_ij no longer counts rounds"
+            )
+        if self.pad_multiple is not None and self.pad_multiple % self.chunk_len_for("lsh"):
+            raise ValueError(
+                f"ReformerConfig.pad_multiple={self.pad_multiple} must be a multiple of the "
+                f"LSH chunk length {self.chunk_len_for('lsh')}"
+            )
+
         if self.lsh_kernel not in LSH_KERNELS:
             raise ValueError(
                 f"ReformerConfig.lsh_kernel must be one of {LSH_KERNELS}; got {self.lsh_kernel!r}"
@@ -212,6 +291,11 @@ class ReformerConfig:
     def head_dim(self) -> int:
         return self.d_head if self.d_head is not None else self.d_model // self.n_heads
 
+    def chunk_len_for(self, kind: str) -> int:
+        """The chunk length of layers of `kind` ("lsh" or "local"; "full" has none)."""
+        own = {"lsh": self.lsh_chunk_len, "local": self.local_chunk_len}.get(kind)
+        return own if own is not None else self.chunk_len
+
     @property
     def resolved_lsh_mode(self) -> str:
         """lsh_mode, with None resolved: "window" for causal models, "chunk" otherwise."""
@@ -240,7 +324,7 @@ class ReformerConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        for key in ("axial_shape", "axial_dims"):
+        for key in ("axial_shape", "axial_dims", "bucket_factors"):
             if out[key] is not None:
                 out[key] = list(out[key])
         return out

@@ -47,16 +47,24 @@ def apply_chunked(
     return torch.cat(outs, dim=dim)
 
 
-class FeedForward(nn.Module):
-    """d_model -> d_ff -> GELU -> d_model."""
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"gelu": F.gelu, "relu": F.relu}
 
-    def __init__(self, d_model: int, d_ff: int) -> None:
+
+class FeedForward(nn.Module):
+    """d_model -> d_ff -> activation (GELU, or ReLU as the released checkpoints) -> d_model."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "gelu") -> None:
         super().__init__()
         self.w_in = nn.Linear(d_model, d_ff)
         self.w_out = nn.Linear(d_ff, d_model)
+        self.activation = activation
+        self._act = ACTIVATIONS[activation]
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation}"
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w_out(F.gelu(self.w_in(x)))
+        return self.w_out(self._act(self.w_in(x)))
 
 
 def chunked_cross_entropy(

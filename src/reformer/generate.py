@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import Attention, hash_vectors
-from .attention.common import SELF_SCORE, unit_keys
+from .attention.common import SELF_SCORE
 from .model import ReformerLM, make_generator
 
 
@@ -81,7 +81,7 @@ def _project(attn: Attention, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     v = attn._heads(attn.v(h))
     if attn.shared_qk:
         q = attn._heads(attn.qk(h))
-        return q, unit_keys(q), v
+        return q, attn.keys_of(q), v
     return attn._heads(attn.q(h)), attn._heads(attn.k(h)), v
 
 

@@ -7,11 +7,13 @@ Layering: core functions on (B, H, L, D) tensors (`lsh_attention`, `local_attent
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from ..config import ReformerConfig
-from .common import padded_length
+from .common import pad_to, padded_length, unit_keys
 from .full import full_attention
 from .local import local_attention
 from .lsh import auto_n_buckets, bucket_factors, draw_rotations, hash_vectors, lsh_attention
@@ -42,11 +44,20 @@ class Attention(nn.Module):
         self.n_heads = config.n_heads
         self.head_dim = config.head_dim
         self.causal = config.causal
-        self.chunk_len = config.chunk_len
+        self.chunk_lens = {
+            "lsh": config.chunk_len_for("lsh"),
+            "local": config.chunk_len_for("local"),
+        }
         self.n_hashes = config.n_hashes
         self.n_buckets = config.n_buckets
+        self.bucket_factors = config.bucket_factors
         self.lsh_mode = config.resolved_lsh_mode
         self.lsh_kernel = config.lsh_kernel
+        self.lsh_wrap = config.lsh_wrap
+        self.lsh_dedup = config.lsh_dedup
+        self.key_norm = config.key_norm
+        self.hash_seed = config.hash_seed
+        self.pad_multiple = config.pad_multiple
         self.shared_qk = config.shared_qk_for(kind)
         inner = self.n_heads * self.head_dim
         if self.shared_qk:
@@ -55,7 +66,16 @@ class Attention(nn.Module):
             self.q = nn.Linear(config.d_model, inner, bias=False)
             self.k = nn.Linear(config.d_model, inner, bias=False)
         self.v = nn.Linear(config.d_model, inner, bias=False)
-        self.out = nn.Linear(inner, config.d_model)
+        self.out = nn.Linear(inner, config.d_model, bias=config.attn_out_bias)
+
+    @property
+    def chunk_len(self) -> int:
+        """The chunk length of the current kind (LSH and local may differ)."""
+        return self.chunk_lens.get(self.kind, self.chunk_lens["lsh"])
+
+    def keys_of(self, qk: Tensor) -> Tensor:
+        """Shared-QK keys of query-key vectors (B, H, L, D), as this layer normalises them."""
+        return unit_keys(qk, self.key_norm)
 
     def extra_repr(self) -> str:
         extra = f", n_hashes={self.n_hashes}, mode={self.lsh_mode}" if self.kind == "lsh" else ""
@@ -67,13 +87,31 @@ class Attention(nn.Module):
 
     def buckets_for(self, length: int) -> int:
         """The bucket count LSH uses for a sequence of `length` tokens."""
+        if self.bucket_factors is not None:
+            return math.prod(self.bucket_factors)
         if self.n_buckets is not None:
             return self.n_buckets
-        return auto_n_buckets(padded_length(length, self.chunk_len), self.chunk_len)
+        C = self.chunk_lens["lsh"]
+        return auto_n_buckets(padded_length(length, self.pad_multiple or C), C)
 
     def draw_rotations(
         self, length: int, generator: torch.Generator | None, device: torch.device, dtype
     ) -> tuple[Tensor, ...]:
+        if self.hash_seed is not None:
+            # transformers' hash_seed: the same rotations on every call and in every layer,
+            # drawn in the vectors' dtype from a generator seeded afresh.
+            generator = torch.Generator(device=device).manual_seed(self.hash_seed)
+            draw_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+            return draw_rotations(
+                self.n_heads,
+                self.head_dim,
+                self.n_hashes,
+                self.buckets_for(length),
+                generator=generator,
+                device=device,
+                dtype=draw_dtype,
+                factors=self.bucket_factors,
+            )
         # Drawn in float32 whatever the model's dtype, so a float64 copy of a model hashes
         # with the same rotations (upcast) as the float32 original.
         rotations = draw_rotations(
@@ -84,6 +122,7 @@ class Attention(nn.Module):
             generator=generator,
             device=device,
             dtype=torch.float32,
+            factors=self.bucket_factors,
         )
         return (
             tuple(r.to(torch.float64) for r in rotations) if dtype == torch.float64 else rotations
@@ -109,6 +148,13 @@ class Attention(nn.Module):
             q, k = self._heads(self.q(x)), self._heads(self.k(x))
         if self.kind == "lsh":
             rotations = self.draw_rotations(hash_len or L, generator, x.device, q.dtype)
+            Lp = padded_length(L, self.pad_multiple or 1)
+            if Lp != L:  # pad to the multiple with masked positions
+                mask = torch.ones(B, L, dtype=torch.bool, device=x.device)
+                if attention_mask is not None:
+                    mask = attention_mask.to(device=x.device, dtype=torch.bool)
+                attention_mask = pad_to(mask, Lp, dim=1)
+                q, v = pad_to(q, Lp, dim=2), pad_to(v, Lp, dim=2)
             out = lsh_attention(
                 q,
                 v,
@@ -118,7 +164,10 @@ class Attention(nn.Module):
                 mode=self.lsh_mode,
                 attention_mask=attention_mask,
                 kernel=self.lsh_kernel,
-            )
+                wrap=self.lsh_wrap,
+                dedup=self.lsh_dedup,
+                key_norm=self.key_norm,
+            )[:, :, :L]
         elif self.kind == "local":
             out = local_attention(
                 q,
@@ -127,7 +176,10 @@ class Attention(nn.Module):
                 chunk_len=self.chunk_len,
                 causal=self.causal,
                 attention_mask=attention_mask,
+                key_norm=self.key_norm,
             )
         else:
-            out = full_attention(q, k, v, causal=self.causal, attention_mask=attention_mask)
+            out = full_attention(
+                q, k, v, causal=self.causal, attention_mask=attention_mask, key_norm=self.key_norm
+            )
         return self.out(out.transpose(1, 2).reshape(B, L, -1))

@@ -6,6 +6,8 @@ C chunk length, N chunks.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -65,8 +67,17 @@ def lookback_ok(rounds: int, n_chunks: int, chunk_len: int, device: torch.device
     return ok.view(rounds * n_chunks, 1, 2 * chunk_len)
 
 
-def unit_keys(qk: Tensor) -> Tensor:
-    """Shared-QK keys: queries scaled to unit length (no further 1/sqrt(d) temperature)."""
+def unit_keys(qk: Tensor, norm: str = "l2") -> Tensor:
+    """Shared-QK keys: queries scaled to unit length (no further 1/sqrt(d) temperature).
+
+    norm "l2": qk / max(|qk|, 1e-6); "rms": transformers' qk * rsqrt(mean(qk^2) + 1e-6) /
+    sqrt(D), the same direction and a length 1 / sqrt(1 + 1e-6 D / |qk|^2) (imported
+    checkpoints use it so that their scores match to the last digit).
+    """
+    if norm == "rms":
+        scale = torch.rsqrt(qk.pow(2).mean(dim=-1, keepdim=True) + 1e-6)
+        return qk * scale / math.sqrt(qk.shape[-1])
+    assert norm == "l2", norm
     return F.normalize(qk, p=2.0, dim=-1, eps=1e-6)
 
 

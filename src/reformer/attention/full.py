@@ -20,6 +20,7 @@ def full_attention(
     *,
     causal: bool,
     attention_mask: Tensor | None = None,
+    key_norm: str = "l2",
 ) -> Tensor:
     """Dense softmax attention through `scaled_dot_product_attention`.
 
@@ -31,6 +32,7 @@ def full_attention(
         v: (B, H, L, D) values.
         causal: keep only j <= i.
         attention_mask: optional (B, L), True/1 at real tokens.
+        key_norm: shared-QK keys' normalisation, "l2" or "rms" (`common.unit_keys`).
     Returns:
         (B, H, L, D).
     """
@@ -54,7 +56,7 @@ def full_attention(
         ~allowed, MASK_SCORE
     )  # (B, 1, L, L)
     if k is None:
-        k = unit_keys(q)
+        k = unit_keys(q, key_norm)
         self_dot = (q * k).sum(-1)  # (B, H, L)
         bias = bias + torch.diag_embed(SELF_SCORE - self_dot.to(dtype))  # (B, H, L, L)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0)

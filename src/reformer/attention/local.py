@@ -33,6 +33,7 @@ def local_attention(
     chunk_len: int,
     causal: bool,
     attention_mask: Tensor | None = None,
+    key_norm: str = "l2",
 ) -> Tensor:
     """Chunked local attention over the own and the previous chunk.
 
@@ -44,6 +45,7 @@ def local_attention(
         chunk_len: C; any L works.
         causal: keep only j <= i.
         attention_mask: optional (B, L), True/1 at real tokens.
+        key_norm: shared-QK keys' normalisation, "l2" or "rms" (`common.unit_keys`).
     Returns:
         (B, H, L, D).
     """
@@ -52,7 +54,7 @@ def local_attention(
     Lp = padded_length(L, C)
     N = Lp // C
     shared = k is None
-    keys = unit_keys(q) if shared else k * (1.0 / math.sqrt(D))
+    keys = unit_keys(q, key_norm) if shared else k * (1.0 / math.sqrt(D))
     q_c = pad_to(q, Lp, 2).view(B, H, N, C, D)
     k_c = look_one_back(pad_to(keys, Lp, 2).view(B, H, N, C, D), dim=-2)  # (B, H, N, 2C, D)
     v_c = look_one_back(pad_to(v, Lp, 2).view(B, H, N, C, D), dim=-2)

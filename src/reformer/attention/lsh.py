@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -90,8 +91,24 @@ def draw_rotations(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    factors: tuple[int, ...] | None = None,
 ) -> tuple[Tensor, ...]:
-    """Random rotations, one (H, D, R, K_f / 2) tensor per bucket factor K_f."""
+    """Random rotations, one (H, D, R, K_f / 2) tensor per bucket factor K_f, most
+    significant factor first (the order `hash_vectors` takes).
+
+    factors: explicit factors in transformers' order (first least significant): one
+    (H, D, R, sum K_f / 2) tensor is drawn and sliced per factor, exactly as transformers
+    draws it, so the same seed gives the same buckets. None: `bucket_factors(n_buckets)`,
+    each factor drawn on its own.
+    """
+    if factors is not None:
+        width = sum(factors) // 2
+        rot = torch.randn(
+            n_heads, head_dim, n_hashes, width, generator=generator, device=device, dtype=dtype
+        )
+        starts = [sum(factors[:i]) // 2 for i in range(len(factors))]
+        parts = [rot[..., a : a + k // 2] for a, k in zip(starts, factors)]
+        return tuple(reversed(parts))
     return tuple(
         torch.randn(
             n_heads, head_dim, n_hashes, k // 2, generator=generator, device=device, dtype=dtype
@@ -129,6 +146,9 @@ def lsh_attention(
     mode: str,
     attention_mask: Tensor | None = None,
     kernel: str = "auto",
+    wrap: bool = False,
+    dedup: bool = True,
+    key_norm: str = "l2",
 ) -> Tensor:
     """Shared-QK LSH attention.
 
@@ -142,11 +162,19 @@ def lsh_attention(
         attention_mask: optional (B, L) bool/int, True/1 at real tokens, False/0 at padding.
         kernel: "eager", "compiled" or "auto": how the elementwise work on the score tiles
             runs (`tiles.py`); the results agree to rounding.
+        wrap: (chunk mode, dedup=False) the look-back of each round's first chunk is the
+            previous round's last chunk, round 0's the last round's, as in transformers and
+            trax; without it a round's first chunk has no look-back. A sequence of one chunk
+            never wraps (transformers attends to it densely).
+        dedup: subtract log N_ij from the scores (the union semantics); False: the rounds
+            are combined by their log-sum-exps only.
+        key_norm: "l2" or "rms" (`common.unit_keys`).
     Returns:
         (B, H, L, D). Outputs at padded positions are finite but meaningless.
     """
     assert mode in ("window", "chunk"), mode
     assert causal or mode == "chunk", "window mode is strictly causal: it needs causal=True"
+    assert not wrap or (mode == "chunk" and not dedup), "wrap needs chunk mode without dedup"
     B, H, L, _ = qk.shape
     C = chunk_len
     R = rotations[0].shape[2]
@@ -160,10 +188,11 @@ def lsh_attention(
     # never change the chunks real tokens fall in.
     with torch.no_grad():
         buckets = hash_vectors(qk, rotations).masked_fill(~valid[:, None, None, :], K)
-    keys = unit_keys(qk)
+    keys = unit_keys(qk, key_norm)
     fused = tiles.resolve_kernel(kernel, B * H * R * Lp, qk.device)
     kernels = (fused, kernel != "compiled")
-    out = _LSHCore.apply(qk, keys, v, buckets.reshape(B * H, R, Lp), K, C, mode, causal, kernels)
+    layout = _Layout(C, mode, causal, wrap and Lp > C, dedup)
+    out = _LSHCore.apply(qk, keys, v, buckets.reshape(B * H, R, Lp), K, layout, kernels)
     return out[:, :, :L]
 
 
@@ -195,20 +224,56 @@ def _with_filler(x: Tensor, chunk_len: int, value: int | float = 0) -> Tensor:
     return buf
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """How the sorted chunks attend: chunk length, mode, causality, look-back wrap (only
+    with more than one chunk per round), duplicate correction."""
+
+    chunk_len: int
+    mode: str
+    causal: bool
+    wrap: bool
+    dedup: bool
+
+
+def _row_slices(G: int, rows_per_head: int, per_row: int, wrap: bool) -> list[slice]:
+    """Slices of a group's G * rows_per_head chunk rows. With the wrap no slice crosses a
+    head: a head's first row looks back at the head's own last chunk, not the slots before."""
+    if not wrap:
+        return row_slices(G * rows_per_head, per_row)
+    within = row_slices(rows_per_head, per_row)
+    return [
+        slice(h * rows_per_head + sl.start, h * rows_per_head + sl.stop)
+        for h in range(G)
+        for sl in within
+    ]
+
+
+def _lookback(src: Tensor, sl: slice, rows_per_head: int, S: int, C: int, wrap: bool):
+    """The sorted slots a slice's first row looks back at: None (filler, the group's start),
+    "before" (the C slots before the slice) or an index tensor (C,) (the wrap of a head's
+    first row: the head's last C slots)."""
+    a = sl.start * C
+    if wrap and sl.start % rows_per_head == 0:
+        return src[a + S - C : a + S]
+    return None if a == 0 else "before"
+
+
 @torch.no_grad()
 def _group_layout(
-    buckets: Tensor, n_buckets: int, chunk_len: int, mode: str, causal: bool, codes: Tensor
+    buckets: Tensor, n_buckets: int, layout: _Layout, codes: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Sort a group of G heads and write their pair codes.
 
     buckets: (G, R, Lp), padding in bucket K = n_buckets. codes: (G * R * N, C, 2C) int8,
-    written: 0 if key j of the row's window is not in S_r(i), else N_ij.
+    written: 0 if key j of the row's window is not in S_r(i), else N_ij (1 without dedup).
     Returns src (G * S,): the row of (G * Lp) each sorted slot reads, and undo (G * R * Lp,):
     the sorted slot of each (head, round, position). Slots are ordered by (head, round,
     bucket, position).
     """
     G, R, Lp = buckets.shape
-    C, K = chunk_len, n_buckets
+    C, K, mode, causal = layout.chunk_len, n_buckets, layout.mode, layout.causal
+    count_rounds = R > 1 and layout.dedup
     S = R * Lp
     device = buckets.device
     # Head- and round-qualified bucket id: equal ids mean same head, round and bucket.
@@ -254,12 +319,13 @@ def _group_layout(
             # (C + G*S,) -> (m, C, C + 1): x[a + mC + c + t], the keys of the band
             band = functools.partial(_strided, shape=(m, C, C + 1), strides=(C, 1, 1), at=a)
             ok = q_id[a : a + m * C].view(m, C, 1) == band(k_id)
-            count = _count_rounds(e_q, e_k, a, m, C, T, band) if R > 1 else ok.to(torch.int8)
+            count = _count_rounds(e_q, e_k, a, m, C, T, band) if count_rounds else ok.to(torch.int8)
             count.mul_(ok)
             codes[sl].as_strided((m, C, C + 1), (2 * C * C, 2 * C + 1, 1)).copy_(count)
         return src, undo
 
-    pos_s = _with_filler(pos.to(torch.int32).reshape(-1)[order], C)
+    pos_sorted = pos.to(torch.int32).reshape(-1)[order]
+    pos_s = _with_filler(pos_sorted, C)
     k_real = _with_filler(real_s, C, False)
     back_half = torch.arange(2 * C, device=device) < C
     for sl in row_slices(rows, C * 2 * C):
@@ -267,13 +333,29 @@ def _group_layout(
 
         # (C + G*S,) -> (m, 1, 2C): x[a + mC + w], the keys of the window
         window = functools.partial(_strided, shape=(m, 1, 2 * C), strides=(C, 0, 1), at=a)
-        first = (torch.arange(sl.start, sl.stop, device=device) % (Lp // C)) == 0
+        q_pos = pos_s[C + a : C + a + m * C].view(m, C, 1)
         ok = real_s[a : a + m * C].view(m, C, 1) & window(k_real)
-        ok = ok & ~(first[:, None, None] & back_half)  # no look-back past a round's start
+        if layout.wrap:
+            # Another round's copy of the query itself (only a look-back can hold one) is
+            # dropped: transformers gives it the self score, which adds exactly nothing.
+            ok = ok & ~(back_half & (window(pos_s) == q_pos))
+        else:
+            first = (torch.arange(sl.start, sl.stop, device=device) % (Lp // C)) == 0
+            ok = ok & ~(first[:, None, None] & back_half)  # no look-back past a round's start
         if causal:
-            ok = ok & (window(pos_s) <= pos_s[C + a : C + a + m * C].view(m, C, 1))
-        count = _count_rounds(e_q, e_k, a, m, C, T, window) if R > 1 else ok.to(torch.int8)
+            ok = ok & (window(pos_s) <= q_pos)
+        count = _count_rounds(e_q, e_k, a, m, C, T, window) if count_rounds else ok.to(torch.int8)
         codes[sl] = count.mul_(ok)
+    if layout.wrap:
+        # Each head's first row looks back at the head's last C slots (round R-1's last
+        # chunk), not at the C slots before it in the group: rewrite its look-back half.
+        first_q = (torch.arange(G, device=device) * S)[:, None] + torch.arange(C, device=device)
+        last_k = first_q + (S - C)  # (G, C)
+        q_pos, k_pos = pos_sorted[first_q][:, :, None], pos_sorted[last_k][:, None, :]
+        ok = real_s[first_q][:, :, None] & real_s[last_k][:, None, :] & (k_pos != q_pos)
+        if causal:
+            ok = ok & (k_pos <= q_pos)
+        codes[torch.arange(G, device=device) * (R * (Lp // C)), :, :C] = ok.to(torch.int8)
     return src, undo
 
 
@@ -302,10 +384,10 @@ class _LSHCore(torch.autograd.Function):
     tensor lives in a buffer allocated once per call (`_SliceBuffers`)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, buckets, n_buckets, chunk_len, mode, causal, kernels):
+    def forward(ctx, q, k, v, buckets, n_buckets, layout, kernels):
         B, H, Lp, D = q.shape
         BH, R = B * H, buckets.shape[1]
-        C, S = chunk_len, R * Lp
+        C, S = layout.chunk_len, R * Lp
         N = Lp // C
         stat = upcast(q[:1, :1, :1]).dtype
         codes = torch.empty(BH * R * N, C, 2 * C, dtype=torch.int8, device=q.device)
@@ -326,15 +408,16 @@ class _LSHCore(torch.autograd.Function):
         for g in groups:
             G, rows = g.stop - g.start, slice(g.start * R * N, g.stop * R * N)
             flat = slice(g.start * S, g.stop * S)
-            src_g, undo = _group_layout(buckets[g], n_buckets, C, mode, causal, codes[rows])
+            src_g, undo = _group_layout(buckets[g], n_buckets, layout, codes[rows])
             rows_g = _head_rows(g, Lp, H, q.device)  # (head, position) -> row of q_f
             src_g = rows_g[src_g]
             src[flat] = src_g
             o_s, top_s, total_s = o_all[: G * S], top_all[flat], total_all[: G * S]
-            for sl in row_slices(G * R * N, C * 2 * C):
+            for sl in _row_slices(G, R * N, C * 2 * C, layout.wrap):
                 m, a = sl.stop - sl.start, sl.start * C
                 n = m * C
-                qt, kw, vw = bufs.gather(q_f, k_f, v_f, src_g, a, m)
+                back = _lookback(src_g, sl, R * N, S, C, layout.wrap)
+                qt, kw, vw = bufs.gather(q_f, k_f, v_f, src_g, a, m, back)
                 s = bufs.scores(0, qt, kw)
                 p = tiles.run(
                     *kernels,
@@ -363,14 +446,16 @@ class _LSHCore(torch.autograd.Function):
             out.view(-1, D).index_copy_(0, rows_g, out_g.view(-1, D))
         out = out.transpose(1, 2)
         ctx.save_for_backward(q, k, v, codes, src, top_all, scale_all, out)
-        ctx.layout, ctx.kernels = (R, C), kernels
+        ctx.layout, ctx.kernels = layout, kernels
         return out
 
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, codes, src, top_all, scale_all, out = ctx.saved_tensors
-        R, C = ctx.layout
+        layout = ctx.layout
+        C = layout.chunk_len
         B, H, Lp, D = q.shape
+        R = codes.shape[0] // (B * H * (Lp // C))
         BH, S, N = B * H, R * Lp, Lp // C
         stat = top_all.dtype
         # dS = P * (dO . v_j - dO . O): the softmax backward over the union.
@@ -386,10 +471,11 @@ class _LSHCore(torch.autograd.Function):
             rows = slice(g.start * R * N, g.stop * R * N)
             flat = slice(g.start * S, g.stop * S)
             src_g, top_s, scale_s, code_g = src[flat], top_all[flat], scale_all[flat], codes[rows]
-            for sl in row_slices((g.stop - g.start) * R * N, C * 2 * C):
+            for sl in _row_slices(g.stop - g.start, R * N, C * 2 * C, layout.wrap):
                 m, a = sl.stop - sl.start, sl.start * C
                 n, idx = m * C, src_g[a : a + m * C]
-                qt, kw, vw = bufs.gather(q_f, k_f, v_f, src_g, a, m)
+                back = _lookback(src_g, sl, R * N, S, C, layout.wrap)
+                qt, kw, vw = bufs.gather(q_f, k_f, v_f, src_g, a, m, back)
                 do = torch.index_select(do_f, 0, idx, out=do_t[:n]).view(m, C, D)
                 s, dp = bufs.scores(0, qt, kw), bufs.scores(1, do, vw)
                 ds, p = tiles.run(
@@ -411,12 +497,15 @@ class _LSHCore(torch.autograd.Function):
                     buf[:C].zero_()
                     torch.bmm(x[:, :, C:].transpose(1, 2), y, out=buf[C:].view(m, C, D))
                     buf[:n].view(m, C, D).baddbmm_(x[:, :, :C].transpose(1, 2), y)
-                    if a == 0:  # the look-back of the group's first row is filler
+                    if back is None:  # the look-back of the group's first row is filler
                         grad.index_add_(0, idx, buf[C:])
-                    else:
+                    elif isinstance(back, str):  # the C slots before the slice
                         grad.index_add_(0, src_g[a - C : a + n], buf)
+                    else:  # the wrap: the head's last C slots
+                        grad.index_add_(0, back, buf[:C])
+                        grad.index_add_(0, idx, buf[C:])
         dq, dk, dv = (x.view(B, Lp, H, D).transpose(1, 2) for x in (dq, dk, dv))
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 class _SliceBuffers:
@@ -444,16 +533,20 @@ class _SliceBuffers:
             return upcast(torch.bmm(a, b.transpose(1, 2)))
         return torch.bmm(a, b.transpose(1, 2), out=tile[: a.shape[0]])
 
-    def gather(self, q_f: Tensor, k_f: Tensor, v_f: Tensor, src: Tensor, a: int, m: int):
-        """Slots [a, a + m C) of `src`: queries (m, C, D); key and value windows (m, 2C, D)."""
+    def gather(self, q_f: Tensor, k_f: Tensor, v_f: Tensor, src: Tensor, a: int, m: int, back):
+        """Slots [a, a + m C) of `src`: queries (m, C, D); key and value windows (m, 2C, D).
+        back (`_lookback`): what the first row looks back at."""
         C, D, n = self.C, q_f.shape[-1], m * self.C
         qt = torch.index_select(q_f, 0, src[a : a + n], out=self.qt[:n]).view(m, C, D)
         windows = []
         for x, buf in ((k_f, self.kt), (v_f, self.vt)):
-            if a == 0:  # the first row's look-back: filler (its pairs are not candidates)
-                buf[:C].zero_()
-                torch.index_select(x, 0, src[:n], out=buf[C : C + n])
-            else:
+            if isinstance(back, str):  # the C slots before: one gather
                 torch.index_select(x, 0, src[a - C : a + n], out=buf[: C + n])
+            else:
+                if back is None:  # filler (its pairs are not candidates)
+                    buf[:C].zero_()
+                else:
+                    torch.index_select(x, 0, back, out=buf[:C])
+                torch.index_select(x, 0, src[a : a + n], out=buf[C : C + n])
             windows.append(_windows(buf, m, C))
         return qt, windows[0], windows[1]

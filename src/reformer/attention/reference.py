@@ -141,3 +141,79 @@ def dense_attention_reference(
     else:
         scores = q @ k.transpose(-1, -2) / math.sqrt(D)
     return _softmax_over(scores, allowed, v)
+
+
+def _keys_reference(qk: Tensor, key_norm: str) -> Tensor:
+    if key_norm == "rms":  # transformers: x / sqrt(mean(x^2) + 1e-6) / sqrt(D)
+        D = qk.shape[-1]
+        return qk / torch.sqrt((qk * qk).sum(-1, keepdim=True) / D + 1e-6) / math.sqrt(D)
+    return _unit(qk)
+
+
+def lsh_rounds_reference(
+    qk: Tensor,
+    v: Tensor,
+    rotations: tuple[Tensor, ...],
+    *,
+    chunk_len: int,
+    causal: bool,
+    wrap: bool,
+    attention_mask: Tensor | None = None,
+    key_norm: str = "l2",
+) -> Tensor:
+    """The chunk layout without duplicate correction, round by round: transformers' and
+    trax's semantics (lsh_dedup=False), with or without their look-back wrap.
+
+    Each round is sorted by (bucket, position), padding (to a multiple of chunk_len, and the
+    user's) in a bucket after all others, and cut into chunks; the rounds are laid end to
+    end. A query attends to its chunk and the chunk before it in that concatenation: with
+    `wrap` cyclically (a round's first chunk sees the previous round's last, round 0's the
+    last round's), without it not across a round's start. A sequence of one chunk has no
+    look-back. Per query and round: softmax over its window, a key there twice counted
+    twice, j == i scored SELF_SCORE; then the rounds weighted by their log-sum-exps.
+    (B, H, L, D) x2 -> (B, H, L, D); rows of padded queries are meaningless.
+    """
+    B, H, L, _ = qk.shape
+    C = chunk_len
+    Lp = -(-L // C) * C
+    N = Lp // C
+    valid = torch.zeros(B, Lp, dtype=torch.bool, device=qk.device)
+    valid[:, :L] = _valid(attention_mask, B, L, qk.device)
+    qk_p = torch.cat([qk, qk.new_zeros(B, H, Lp - L, qk.shape[-1])], dim=2)
+    v_p = torch.cat([v, v.new_zeros(B, H, Lp - L, v.shape[-1])], dim=2)
+    buckets = hash_reference(qk_p, rotations)  # (B, H, R, Lp)
+    R = buckets.shape[2]
+    K = int(buckets.max()) + 1
+    pos = torch.arange(Lp, device=qk.device)
+    scores = qk_p @ _keys_reference(qk_p, key_norm).transpose(-1, -2)  # (B, H, Lp, Lp)
+    scores = scores.masked_fill(torch.eye(Lp, dtype=torch.bool, device=qk.device), SELF_SCORE)
+    out = torch.zeros_like(v_p)
+    for b in range(B):
+        for h in range(H):
+            # the concatenated sorted sequence of positions, R * Lp slots
+            seq = torch.cat(
+                [
+                    torch.argsort(torch.where(valid[b], buckets[b, h, r], K) * Lp + pos)
+                    for r in range(R)
+                ]
+            )
+            chunks = seq.view(R * N, C)
+            lse, outs = [], []
+            for r in range(R):
+                count = torch.zeros(Lp, Lp, dtype=qk.dtype, device=qk.device)  # [i, j]
+                for c in range(r * N, (r + 1) * N):
+                    window = [chunks[c]]
+                    if N > 1 and (wrap or c % N != 0):
+                        window.insert(0, chunks[(c - 1) % (R * N)])
+                    keys = torch.cat(window)
+                    for i in chunks[c].tolist():
+                        for j in keys.tolist():
+                            if valid[b, j] and (not causal or j <= i):
+                                count[i, j] += 1
+                s = scores[b, h].masked_fill(count == 0, float("-inf")) + count.clamp(min=1).log()
+                s = s.masked_fill(~valid[b][:, None], 0.0)  # padded queries: anything finite
+                lse.append(torch.logsumexp(s, dim=-1))
+                outs.append(torch.softmax(s, dim=-1) @ v_p[b, h])
+            w = torch.softmax(torch.stack(lse), dim=0)  # (R, Lp)
+            out[b, h] = (w[..., None] * torch.stack(outs)).sum(0)
+    return out[:, :, :L]
