@@ -1,0 +1,209 @@
+"""transformers' Reformer checkpoints: import, export, and the logits of both, in float64.
+
+Random-init transformers models (no download), biases and norms perturbed away from their
+init so that a mis-mapped bias or norm shows; eval mode.
+"""
+
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from transformers import ReformerConfig as HFConfig
+from transformers import ReformerForMaskedLM, ReformerModelWithLMHead
+from transformers.utils import logging as hf_logging
+
+from reformer import ReformerConfig, ReformerLM
+from reformer.interop import InteropError, from_transformers, to_transformers
+
+hf_logging.set_verbosity_error()
+warnings.filterwarnings("ignore", message=".*padded.*")
+F64 = torch.float64
+TOL = 1e-9
+
+# Scaled-down shapes of the two released checkpoints (the layer patterns, chunk kinds,
+# activation, bucket factorisation and axial layout; d_model 32).
+ENWIK8_LIKE = dict(  # google/reformer-enwik8
+    attn_layers=["local", "local", "lsh", "local"],
+    hidden_size=32, num_attention_heads=2, attention_head_size=16, feed_forward_size=128,
+    hidden_act="relu", lsh_attn_chunk_length=16, local_attn_chunk_length=8,
+    num_buckets=256,  # an int above 128: never factorised in transformers
+    num_hashes=4, axial_pos_shape=[8, 16], axial_pos_embds_dim=[8, 24], layer_norm_eps=1e-12,
+    vocab_size=258, max_position_embeddings=128,
+)  # fmt: skip
+CRIME_LIKE = dict(  # google/reformer-crime-and-punishment
+    attn_layers=["local", "lsh"] * 3,
+    hidden_size=32, num_attention_heads=2, attention_head_size=8,  # 2 x 8 != 32 / 2
+    feed_forward_size=64, hidden_act="relu", lsh_attn_chunk_length=8,
+    local_attn_chunk_length=8, num_buckets=[4, 8], num_hashes=1, axial_pos_shape=[16, 32],
+    axial_pos_embds_dim=[8, 24], vocab_size=320, max_position_embeddings=512,
+)  # fmt: skip
+SHAPES = {"enwik8": ENWIK8_LIKE, "crime": CRIME_LIKE}
+
+
+def hf_model(shape: dict, **over) -> ReformerModelWithLMHead:
+    kw = dict(shape, is_decoder=True, hidden_dropout_prob=0.0, hash_seed=11) | over
+    torch.manual_seed(1)
+    model = ReformerModelWithLMHead(HFConfig(**kw)).to(F64).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "layer_norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def max_diff(hf, lm, ids) -> float:
+    with torch.no_grad():
+        return float((hf(ids).logits - lm(ids)).abs().max())
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n_hashes", [1, 2])
+@pytest.mark.parametrize("length", [64, 75])  # a chunk multiple and not
+def test_import_matches_transformers(shape, n_hashes, length):
+    hf = hf_model(SHAPES[shape], num_hashes=n_hashes)
+    lm = from_transformers(hf)
+    assert lm.config.lsh_wrap and not lm.config.lsh_dedup and lm.config.ff_activation == "relu"
+    ids = torch.randint(0, hf.config.vocab_size, (2, length))
+    assert max_diff(hf, lm, ids) < TOL
+
+
+def test_enwik8_shape_with_its_four_hashes():
+    hf = hf_model(ENWIK8_LIKE)
+    lm = from_transformers(hf)
+    assert lm.config.bucket_factors == (256,) and lm.blocks[2].attn.buckets_for(64) == 256
+    assert (lm.config.lsh_chunk_len, lm.config.local_chunk_len) == (16, 8)
+    ids = torch.randint(0, 258, (2, 112))
+    assert max_diff(hf, lm, ids) < TOL
+
+
+def test_without_hash_seed_one_chunk_matches():
+    """Rotations from the global RNG differ, but where one LSH chunk covers the sequence
+    the hashing does not matter."""
+    hf = hf_model(ENWIK8_LIKE, hash_seed=None)
+    lm = from_transformers(hf)
+    ids = torch.randint(0, 258, (1, 16))
+    assert max_diff(hf, lm, ids) < TOL
+
+
+def test_lcm_padding():
+    """Chunk lengths whose least common multiple is not the LSH one: transformers pads to it."""
+    hf = hf_model(CRIME_LIKE, lsh_attn_chunk_length=8, local_attn_chunk_length=12)
+    lm = from_transformers(hf)
+    assert lm.config.pad_multiple == 24
+    for length in (30, 100, 7):
+        ids = torch.randint(0, 320, (2, length))
+        assert max_diff(hf, lm, ids) < TOL
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_round_trip_through_from_pretrained(shape, tmp_path):
+    lm = from_transformers(hf_model(SHAPES[shape], num_hashes=2))
+    to_transformers(lm, tmp_path / "hf")
+    back = ReformerModelWithLMHead.from_pretrained(tmp_path / "hf", dtype=F64).eval()
+    ids = torch.randint(0, lm.config.vocab_size, (2, 75))
+    assert max_diff(back, lm, ids) < TOL
+    # and back again through the directory path
+    again = from_transformers(tmp_path / "hf")
+    with torch.no_grad():
+        assert (again(ids) - lm(ids)).abs().max() == 0
+
+
+def test_save_pretrained_directory_and_bin(tmp_path):
+    hf = hf_model(CRIME_LIKE, num_hashes=2)
+    hf.save_pretrained(tmp_path / "st")
+    ids = torch.randint(0, 320, (2, 40))
+    assert max_diff(hf, from_transformers(tmp_path / "st"), ids) < TOL
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "config.json").write_text((tmp_path / "st" / "config.json").read_text())
+    torch.save(hf.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    assert max_diff(hf, from_transformers(tmp_path / "bin"), ids) < TOL
+
+
+def test_directory_needs_no_transformers(tmp_path):
+    hf = hf_model(CRIME_LIKE)
+    hf.save_pretrained(tmp_path / "m")
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"
+        "from reformer.interop import from_transformers\n"
+        f"lm = from_transformers({str(tmp_path / 'm')!r})\n"
+        "print(sum(p.numel() for p in lm.parameters()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) == sum(
+        p.numel() for n, p in hf.named_parameters() if n != "lm_head.bias"
+    )
+
+
+def test_imported_model_gradients_equal_autograd():
+    """Fine-tuning: the reversible backward with the wrap and the seeded hash equals plain
+    autograd of the same forward."""
+    lm = from_transformers(hf_model(CRIME_LIKE, num_hashes=2)).train()
+    ids = torch.randint(0, 320, (2, 40))
+    grads = []
+    for custom in (True, False):
+        lm.custom_backward = custom
+        lm.zero_grad()
+        torch.manual_seed(0)
+        lm.loss(ids[:, :-1], ids[:, 1:]).backward()
+        grads.append([p.grad.clone() for p in lm.parameters()])
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() <= 1e-10 * max(1.0, float(b.abs().max()))
+
+
+# --- refusals ---------------------------------------------------------------------------------
+def _hf_dir(tmp_path, **over):
+    hf = hf_model(CRIME_LIKE)
+    hf.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.update(over)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "over,field",
+    [
+        (dict(is_decoder=False), "is_decoder"),
+        (dict(lsh_num_chunks_after=1), "lsh_num_chunks_after"),
+        (dict(hidden_act="gelu_new"), "hidden_act"),
+        (dict(num_buckets=None), "num_buckets"),
+        (dict(attn_layers=["local", "full"] * 3), "attn_layers"),
+    ],
+)
+def test_import_refuses_what_it_cannot_represent(tmp_path, over, field):
+    with pytest.raises(InteropError, match=field):
+        from_transformers(_hf_dir(tmp_path, **over))
+
+
+def test_import_refuses_encoder_instances():
+    mlm = ReformerForMaskedLM(HFConfig(**CRIME_LIKE, is_decoder=False))
+    with pytest.raises(InteropError, match="ReformerForMaskedLM"):
+        from_transformers(mlm)
+
+
+@pytest.mark.parametrize(
+    "over,field",
+    [
+        (dict(), "lsh_mode"),  # the library's defaults: window mode
+        (dict(lsh_mode="chunk"), "lsh_wrap"),
+        (dict(attention="full", key_norm="rms", attn_out_bias=False), "attention"),
+        (dict(reversible=False), "reversible"),
+        (dict(causal=False), "causal"),
+    ],
+)
+def test_export_refuses_what_transformers_cannot_represent(tmp_path, over, field):
+    lm = ReformerLM(ReformerConfig(d_model=32, n_heads=2, d_ff=64, n_layers=2, **over))
+    with pytest.raises(InteropError, match=field):
+        to_transformers(lm, tmp_path / "out", seq_len=64)
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_export_needs_the_bucket_count(tmp_path):
+    imported = from_transformers(hf_model(CRIME_LIKE))
+    cfg = ReformerConfig.from_dict(imported.config.to_dict() | {"bucket_factors": None})
+    with pytest.raises(InteropError, match="n_buckets"):
+        to_transformers(ReformerLM(cfg), tmp_path / "out")
