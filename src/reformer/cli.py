@@ -31,7 +31,7 @@ from .train import (
     train,
 )
 
-USAGE = """usage: reformer {train,eval,plot,generate,translate} ...
+USAGE = """usage: reformer {train,eval,plot,generate,translate,convert} ...
 
 Train and run Reformer models (LSH attention, reversible layers, chunked feed-forward).
 
@@ -41,6 +41,7 @@ verbs:
   plot      draw a run's learning curves (PNG)
   generate  sample text (or an image) from a checkpoint with the cached decoder
   translate translate text (stdin or a file) with a translation run's checkpoint
+  convert   import a transformers Reformer directory as a run, or export a run to one
 
 `reformer VERB --help` lists a verb's options. Examples:
   reformer train --preset duplication-small --out runs/dup
@@ -49,6 +50,8 @@ verbs:
   reformer train --preset multi30k-small --data ../shared/data/translation/multi30k --out runs/mt
   echo "A man rides a bike." | reformer translate --checkpoint runs/mt
   torchrun --nproc-per-node 2 -m reformer train --preset duplication-small --out runs/dup2
+  reformer convert --from-transformers path/to/reformer-enwik8 --out runs/enwik8-hf
+  reformer convert --to-transformers runs/dup --out exported/dup
 """
 
 
@@ -58,8 +61,25 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset")
     pre.add_argument("--config")
+    pre.add_argument("--init-from", "--init_from", dest="init_from")
     known, _ = pre.parse_known_args(argv)
     layers: dict = {}
+    if known.init_from:
+        # The architecture comes with the weights: their run's model config is the base.
+        from .checkpoint import latest_checkpoint, read_checkpoint_config
+
+        src = Path(known.init_from)
+        ckpt = src if (src / "meta.json").exists() else latest_checkpoint(src)
+        if ckpt is None:
+            raise CheckpointError(
+                f"--init-from {src}: no checkpoint there (a run or checkpoint dir)"
+            )
+        saved = read_checkpoint_config(ckpt)
+        layers = {k: saved[k] for k in ("model", "task", "byte_offset") if k in saved}
+        if saved.get("tokenizer"):  # the init run's tokenizer file, wherever that run is
+            tok = Path(saved["tokenizer"])
+            in_run = ckpt.parent.parent / tok
+            layers["tokenizer"] = str(in_run.resolve() if in_run.exists() else tok)
     if known.preset:
         layers = _merge(layers, preset_dict(known.preset))
     if known.config:
@@ -101,12 +121,11 @@ def cmd_train(argv: list[str]) -> int:
     if final:
         print("final eval: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
     if lsh and cfg.eval_hashes:
-        from .data.tasks import build_task
-        from .train import load_run
+        from .train import load_run, task_of
 
         device = resolve_device(cfg.device)
         model, _, _, _ = load_run(Path(cfg.out), device)
-        task = build_task(cfg.task, cfg.data, cfg.seq_len, cfg.image_side)
+        task = task_of(cfg)
         rows = hash_table(
             model,
             task,
@@ -158,8 +177,7 @@ class EvalArgs:
 
 
 def cmd_eval(argv: list[str]) -> int:
-    from .data.tasks import build_task
-    from .train import load_run
+    from .train import load_run, task_of
 
     args = tyro.cli(EvalArgs, args=argv, prog="reformer eval")
     device = resolve_device(args.device)
@@ -168,7 +186,7 @@ def cmd_eval(argv: list[str]) -> int:
 
         return eval_translation(args, device)
     model, cfg, ckpt, step = load_run(Path(args.checkpoint), device)
-    task = build_task(cfg.task, args.data or cfg.data, cfg.seq_len, cfg.image_side)
+    task = task_of(cfg, args.data)
     counts = tuple(args.n_hashes) or (None,)
     rows = hash_table(
         model,
@@ -253,6 +271,12 @@ def cmd_generate(argv: list[str]) -> int:
     return run(argv)
 
 
+def cmd_convert(argv: list[str]) -> int:
+    from .convert_cli import cmd_convert as run
+
+    return run(argv)
+
+
 def cmd_translate(argv: list[str]) -> int:
     from .translation.cli import cmd_translate as run
 
@@ -274,6 +298,7 @@ VERBS = {
     "plot": cmd_plot,
     "generate": cmd_generate,
     "translate": cmd_translate,
+    "convert": cmd_convert,
 }
 
 

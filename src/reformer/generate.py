@@ -49,15 +49,23 @@ class DecodeCache:
     layers: list[LayerCache] = field(default_factory=list)
 
 
-def _check_decodable(model: ReformerLM) -> None:
+def not_decodable(model: ReformerLM) -> str | None:
+    """Why `decode` cannot reproduce this model's full forward, or None."""
     cfg = model.config
     if not cfg.causal:
-        raise ValueError("decode needs a causal model (config.causal=True)")
+        return "decode needs a causal model (config.causal=True)"
     if "lsh" in cfg.layer_kinds and cfg.resolved_lsh_mode != "window":
-        raise ValueError(
+        return (
             "decode needs lsh_mode='window': in 'chunk' mode future tokens move earlier "
             "tokens' chunks, so no cache can reproduce the full forward"
         )
+    return None
+
+
+def _check_decodable(model: ReformerLM) -> None:
+    reason = not_decodable(model)
+    if reason is not None:
+        raise ValueError(reason)
 
 
 def _new_layer_cache(
@@ -285,7 +293,9 @@ def generate(
     """Sample `max_new_tokens` after `prompt` (B, P) with the cache: returns (B, P + N).
 
     Seeded: the same seed gives the same tokens. `on_token(ids (B,))` is called as each
-    token is chosen (streaming).
+    token is chosen (streaming). A causal model that no cache can reproduce (lsh_mode
+    'chunk', as imported checkpoints are) runs its full forward over the whole sequence for
+    every token instead: exact, and O(length) per token.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
@@ -296,9 +306,12 @@ def generate(
             f"max_seq_len={model.config.max_seq_len}"
         )
     model.eval()
+    sample = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     gen = torch.Generator(device=prompt.device).manual_seed(seed)
     with torch.random.fork_rng(devices=[prompt.device] if prompt.device.type == "cuda" else []):
         torch.manual_seed(seed)
+        if model.config.causal and not_decodable(model) is not None:
+            return _generate_uncached(model, prompt, max_new_tokens, gen, on_token, sample)
         logits, cache = decode(model, prompt, None, total_len=total)
         out = [prompt]
         for _ in range(max_new_tokens):
@@ -311,3 +324,21 @@ def generate(
             if cache.length < total:
                 logits, cache = decode(model, nxt[:, None], cache)
     return torch.cat(out, dim=1)
+
+
+def _generate_uncached(
+    model: ReformerLM,
+    prompt: Tensor,
+    max_new_tokens: int,
+    gen: torch.Generator,
+    on_token: Callable[[Tensor], None] | None,
+    sample: dict,
+) -> Tensor:
+    """`generate` by a full forward over the sequence so far for every token."""
+    ids = prompt
+    for _ in range(max_new_tokens):
+        nxt = sample_next(model(ids)[:, -1], generator=gen, **sample)
+        if on_token is not None:
+            on_token(nxt)
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+    return ids

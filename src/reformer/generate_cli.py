@@ -12,7 +12,7 @@ import torch
 import tyro
 
 from .generate import generate
-from .train import load_run, resolve_device
+from .train import load_run, resolve_device, resolve_tokenizer
 
 
 @dataclass
@@ -70,18 +70,34 @@ def cmd_generate(argv: list[str]) -> int:
             "from Python, or `reformer eval` for their accuracy"
         )
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
-    prompt = list(text.encode("utf-8")) or [ord("\n")]
+    tokenizer = resolve_tokenizer(cfg)
+    if tokenizer is not None:  # a subword model: ids of the prompt, pieces streamed back
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=tokenizer)
+        prompt = sp.encode(text) or [sp.bos_id() if sp.bos_id() >= 0 else 0]
+    else:  # bytes + offset
+        off = cfg.byte_offset
+        prompt = [b + off for b in text.encode("utf-8")] or [ord("\n") + off]
     if len(prompt) + args.max_new_tokens > cfg.model.max_seq_len:
         raise ValueError(
-            f"prompt ({len(prompt)} bytes) + --max-new-tokens ({args.max_new_tokens}) exceeds "
+            f"prompt ({len(prompt)} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds "
             f"the model's max_seq_len={cfg.model.max_seq_len}"
         )
     ids = torch.tensor([prompt], device=device)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     sys.stdout.write(text)
+    pieces: list[int] = []
 
     def stream(tok: torch.Tensor) -> None:
-        sys.stdout.write(decoder.decode(bytes([int(tok[0])])))
+        t = int(tok[0])
+        if tokenizer is not None:  # decode the whole continuation, print what is new
+            before = sp.decode(pieces)
+            if t < sp.get_piece_size():  # ids past the vocabulary's pieces print nothing
+                pieces.append(t)
+            sys.stdout.write(sp.decode(pieces)[len(before) :])
+        elif t >= cfg.byte_offset:  # ids below the offset are specials, not bytes
+            sys.stdout.write(decoder.decode(bytes([t - cfg.byte_offset])))
         sys.stdout.flush()
 
     t0 = time.perf_counter()

@@ -111,6 +111,16 @@ class TrainConfig:
     """Named starting point: see `reformer train --list-presets`."""
     config: str | None = None
     """YAML or TOML file of overrides (same keys as the flags, nested: model.d_model)."""
+    init_from: str | None = None
+    """Start from the weights of this run or checkpoint directory (e.g. one written by
+    `reformer convert --from-transformers`) with a fresh optimiser and schedule; on the CLI
+    its model config is the base the other layers override."""
+    byte_offset: int = 0
+    """enwik8 and text tasks: token id = byte + byte_offset (transformers' enwik8 model
+    reserves ids 0 and 1: byte_offset 2)."""
+    tokenizer: str | None = None
+    """text task: a sentencepiece model file to encode the text with instead of bytes (a
+    relative path is looked up in the run directory first)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "seq_len"):
@@ -127,6 +137,20 @@ class TrainConfig:
             raise ValueError(f"optim.warmup_steps must be >= 0; got {self.optim.warmup_steps}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel must be 'ddp' or 'fsdp'; got {self.parallel!r}")
+        if isinstance(self.byte_offset, bool) or not isinstance(self.byte_offset, int):
+            raise TypeError(f"TrainConfig.byte_offset must be an int; got {self.byte_offset!r}")
+        if self.byte_offset < 0:
+            raise ValueError(f"TrainConfig.byte_offset must be >= 0; got {self.byte_offset}")
+        if self.byte_offset and self.task not in ("enwik8", "text"):
+            raise ValueError(
+                f"TrainConfig.byte_offset={self.byte_offset} applies to the byte-level tasks "
+                f"enwik8 and text only; task is {self.task!r}"
+            )
+        if self.tokenizer is not None and (self.task != "text" or self.byte_offset):
+            raise ValueError(
+                f"TrainConfig.tokenizer is for task 'text' without byte_offset (got task="
+                f"{self.task!r}, byte_offset={self.byte_offset}): the text is encoded with it"
+            )
         if 64 % self.image_side:
             raise ValueError(f"image_side must divide 64 (1..64); got {self.image_side}")
 

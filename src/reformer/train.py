@@ -205,6 +205,28 @@ class MetricsLog:
         return out
 
 
+def task_of(cfg: TrainConfig, data: str | None = None) -> Task:
+    """The run's task (data: another path than the run's)."""
+    return build_task(
+        cfg.task,
+        data or cfg.data,
+        cfg.seq_len,
+        cfg.image_side,
+        byte_offset=cfg.byte_offset,
+        tokenizer=resolve_tokenizer(cfg),
+    )
+
+
+def resolve_tokenizer(cfg: TrainConfig) -> str | None:
+    """cfg.tokenizer as a path: a relative one is looked up in the run directory first."""
+    if cfg.tokenizer is None:
+        return None
+    in_run = Path(cfg.out) / cfg.tokenizer
+    return (
+        str(in_run) if not Path(cfg.tokenizer).is_absolute() and in_run.exists() else cfg.tokenizer
+    )
+
+
 def check_compatible(cfg: TrainConfig, task: Task) -> None:
     if cfg.model.vocab_size < task.vocab_size:
         raise ValueError(
@@ -283,7 +305,7 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, Any
     device = resolve_device(cfg.device)
     if launched:
         device = local_device(device)
-    task = build_task(cfg.task, cfg.data, cfg.seq_len, cfg.image_side)
+    task = task_of(cfg)
     check_compatible(cfg, task)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, device)
@@ -320,6 +342,12 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, Any
         )
     elif restarted and rank == 0:
         metrics.truncate_after(0)  # restarted before the first checkpoint: start over
+    if start == 0 and cfg.init_from is not None:
+        # Fine-tuning: the weights of another run (or of a converted checkpoint), a fresh
+        # optimiser and schedule; a shape that differs is refused by name.
+        loaded = load_checkpoint(Path(cfg.init_from), model, restore_rng=False)
+        if rank == 0:
+            print(f"initialised from {cfg.init_from} (step {loaded.step})", flush=True)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
@@ -483,6 +511,8 @@ def load_run(path: Path, device: torch.device) -> tuple[ReformerLM, TrainConfig,
         cfg = config_from_dict(read_checkpoint_config(ckpt), where=f"{ckpt}/config.json")
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{ckpt}: its saved config is not a reformer run config ({e})") from e
+    if ckpt.parent.name == "checkpoints":  # the run directory, wherever it is now
+        cfg.out = str(ckpt.parent.parent)
     model = ReformerLM(cfg.model).to(device)
     step = load_checkpoint(ckpt, model, restore_rng=False).step
     return model.eval(), cfg, ckpt, step

@@ -60,16 +60,18 @@ class ByteCorpus:
 
     vocab_size: int = 256
 
-    def __init__(self, data: np.ndarray, name: str = "bytes") -> None:
-        if not isinstance(data, np.ndarray) or data.ndim != 1 or data.dtype != np.uint8:
+    def __init__(self, data: np.ndarray, name: str = "bytes", vocab_size: int = 256) -> None:
+        ok_dtype = data.dtype in (np.uint8, np.int32)
+        if not isinstance(data, np.ndarray) or data.ndim != 1 or not ok_dtype:
             raise ValueError(
-                "ByteCorpus expects a 1-D uint8 numpy array, got "
+                "ByteCorpus expects a 1-D uint8 numpy array (int32 for a subword corpus), got "
                 f"{type(data).__name__} with shape {getattr(data, 'shape', None)} and dtype "
                 f"{getattr(data, 'dtype', None)}"
             )
         if data.size == 0:
             raise ValueError(f"{name} is empty (0 bytes); give a non-empty file")
         self.name = name
+        self.vocab_size = vocab_size
         n_train, n_val, _ = split_sizes(int(data.size))
         self.train = data[:n_train]
         self.val = data[n_train : n_train + n_val]
@@ -236,3 +238,20 @@ def load_text(path: str | os.PathLike[str]) -> ByteCorpus:
     expected = "a local file of raw bytes (any text file)"
     p = check_file(path, expected)
     return ByteCorpus(_memmap_bytes(p, expected), name=p.name)
+
+
+def load_subword_text(
+    path: str | os.PathLike[str], spm_model: str | os.PathLike[str]
+) -> ByteCorpus:
+    """A local text file encoded with a sentencepiece model (ids as int32), split 90/5/5 like
+    a byte corpus: the splits cut the id sequence, not the bytes."""
+    import sentencepiece as spm
+
+    expected = "a local text file (UTF-8)"
+    p = check_file(path, expected)
+    model = check_file(spm_model, "a sentencepiece model file (.model)")
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    ids = np.asarray(sp.encode(p.read_text(encoding="utf-8", errors="replace")), dtype=np.int32)
+    if ids.size == 0:
+        raise ValueError(f"{str(p)!r} encodes to no tokens; give a non-empty text file")
+    return ByteCorpus(ids, name=f"{p.name} ({model.name})", vocab_size=sp.get_piece_size())

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .bytes import ByteCorpus, load_enwik8, load_text
+from .bytes import ByteCorpus, load_enwik8, load_subword_text, load_text
 from .duplication import DuplicationTask
 from .images import ImageDataset
 
@@ -29,8 +29,16 @@ class Task:
     name: str
     vocab_size: int
     seq_len: int
-    unit: str  # "bpc" | "bpd" | "accuracy"
+    unit: str  # "bpc" | "bpd" | "accuracy" | "bpt" (bits per subword token)
     source: DuplicationTask | ByteCorpus | ImageDataset
+    offset: int = 0
+    """Byte corpora: token id = byte + offset (transformers' enwik8 model reserves 0 and 1)."""
+
+    def _shift(self, batch: Batch) -> Batch:
+        if not self.offset:
+            return batch
+        ids, targets = batch
+        return ids + self.offset, torch.where(targets >= 0, targets + self.offset, targets)
 
     def train_batch(
         self, step: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
@@ -39,7 +47,8 @@ class Task:
         if isinstance(src, DuplicationTask):
             return src.batch(step, batch_size, seed, "train", rank, world_size)
         if isinstance(src, ByteCorpus):
-            return src.train_batch(step, batch_size, self.seq_len, seed, rank, world_size)
+            batch = src.train_batch(step, batch_size, self.seq_len, seed, rank, world_size)
+            return self._shift(batch)
         return src.train_batch(step, batch_size, seed, rank, world_size)
 
     def eval_batches(
@@ -50,7 +59,8 @@ class Task:
             for i in range(max_batches if max_batches is not None else 8):
                 yield src.batch(i, batch_size, seed, split)
         elif isinstance(src, ByteCorpus):
-            yield from src.eval_batches(split, self.seq_len, batch_size, max_batches)
+            for batch in src.eval_batches(split, self.seq_len, batch_size, max_batches):
+                yield self._shift(batch)
         else:
             yield from src.eval_batches(split, batch_size, max_batches)
 
@@ -58,8 +68,19 @@ class Task:
         return loss_nats / math.log(2)
 
 
-def build_task(name: str, path: str | None, seq_len: int, image_side: int = 64) -> Task:
-    """Build a task; `path` is the data file or directory for the real-data tasks."""
+def build_task(
+    name: str,
+    path: str | None,
+    seq_len: int,
+    image_side: int = 64,
+    *,
+    byte_offset: int = 0,
+    tokenizer: str | None = None,
+) -> Task:
+    """Build a task; `path` is the data file or directory for the real-data tasks.
+
+    byte_offset: enwik8 and text: token id = byte + byte_offset. tokenizer: text only, a
+    sentencepiece model to encode the file with instead of bytes."""
     if name not in TASKS:
         raise ValueError(f"task must be one of {TASKS}; got {name!r}")
     if name == "duplication":
@@ -72,9 +93,12 @@ def build_task(name: str, path: str | None, seq_len: int, image_side: int = 64) 
         }[name]
         raise ValueError(f"task {name!r} needs --data PATH: {hint}")
     if name == "enwik8":
-        return Task(name, 256, seq_len, "bpc", load_enwik8(path))
+        return Task(name, 256 + byte_offset, seq_len, "bpc", load_enwik8(path), byte_offset)
     if name == "text":
-        return Task(name, 256, seq_len, "bpc", load_text(path))
+        if tokenizer is not None:
+            corpus = load_subword_text(path, tokenizer)
+            return Task(name, corpus.vocab_size, seq_len, "bpt", corpus)
+        return Task(name, 256 + byte_offset, seq_len, "bpc", load_text(path), byte_offset)
     p = Path(path)
     images = ImageDataset.from_directory(p, side=image_side)
     return Task(name, 256, images.seq_len, "bpd", images)

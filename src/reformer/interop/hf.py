@@ -13,12 +13,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from ..config import ReformerConfig
-from ..attention.lsh import auto_n_buckets, bucket_factors
 from ..attention.common import padded_length
+from ..attention.lsh import auto_n_buckets, bucket_factors
+from ..config import ReformerConfig
 
 
 class InteropError(ValueError):
