@@ -127,3 +127,20 @@ def test_convert_refusals(tmp_path, capsys):
     capsys.readouterr()
     assert main(["convert", "--to-transformers", str(run), "--out", str(tmp_path / "x")]) == 2
     assert "lsh_mode" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_tokenizer_fields_are_validated(tmp_path, capsys):
+    import pytest
+
+    from reformer.run_config import TrainConfig
+
+    with pytest.raises(ValueError, match="byte_offset"):
+        TrainConfig(task="duplication", byte_offset=2)
+    with pytest.raises(ValueError, match="byte_offset"):
+        TrainConfig(task="text", byte_offset=-1)
+    with pytest.raises(ValueError, match="tokenizer"):
+        TrainConfig(task="enwik8", tokenizer="x.model")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: images\nbyte_offset: 2\n")
+    assert main(["train", "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
+    assert "byte_offset" in capsys.readouterr().err and not (tmp_path / "r").exists()

@@ -36,6 +36,19 @@ BAD_CONFIGS = [
     (dict(axial_dims=(128, 64, 64)), ValueError, "axial_dims"),
     (dict(d_head=0), ValueError, "d_head"),
     (dict(layer_norm_eps=0.0), ValueError, "layer_norm_eps"),
+    (dict(ff_activation="swish"), ValueError, "ff_activation"),
+    (dict(key_norm="l1"), ValueError, "key_norm"),
+    (dict(lsh_chunk_len=0), ValueError, "lsh_chunk_len"),
+    (dict(local_chunk_len=1.5), TypeError, "local_chunk_len"),
+    (dict(bucket_factors=(4, 5)), ValueError, "bucket_factors"),
+    (dict(bucket_factors=(4,), n_buckets=4), ValueError, "bucket_factors"),
+    (dict(bucket_factors=4), TypeError, "bucket_factors"),
+    (dict(lsh_wrap=True), ValueError, "lsh_wrap"),  # window mode
+    (dict(lsh_wrap=True, lsh_mode="chunk"), ValueError, "lsh_wrap"),  # with dedup
+    (dict(lsh_dedup="no"), TypeError, "lsh_dedup"),
+    (dict(attn_out_bias=0), TypeError, "attn_out_bias"),
+    (dict(hash_seed=-1), ValueError, "hash_seed"),
+    (dict(pad_multiple=96), ValueError, "pad_multiple"),  # not a multiple of chunk_len 64
 ]
 
 
