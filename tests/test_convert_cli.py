@@ -108,7 +108,12 @@ def test_import_sentencepiece_model(tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", "--checkpoint", str(run), "--prompt", "the quick",
                  "--max-new-tokens", "4", "--temperature", "0"]) == 0  # fmt: skip
-    assert capsys.readouterr().out.startswith("the quick")
+    ids = torch.tensor([sp.encode("the quick")])
+    with torch.no_grad():
+        for _ in range(4):
+            ids = torch.cat([ids, hf(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    new = [int(t) for t in ids[0, len(sp.encode("the quick")) :] if t < sp.get_piece_size()]
+    assert capsys.readouterr().out.startswith("the quick" + sp.decode(new))
 
 
 def test_convert_refusals(tmp_path, capsys):
@@ -120,6 +125,17 @@ def test_convert_refusals(tmp_path, capsys):
     assert "is_decoder" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
     assert main(["convert", "--out", str(tmp_path / "r")]) == 2
+    _, src = _hf_dir(tmp_path / "b", ENWIK8_LIKE)  # vocabulary 258: bytes + at most 2
+    for flags, field in (
+        (["--byte-offset", "3"], "--byte-offset"),
+        (["--seq-len", "999"], "--seq-len"),
+    ):
+        capsys.readouterr()
+        assert (
+            main(["convert", "--from-transformers", str(src), "--out", str(tmp_path / "r"), *flags])
+            == 2
+        )
+        assert field in capsys.readouterr().err and not (tmp_path / "r").exists()
     # a run trained here in window mode cannot be exported, and nothing is written
     run = tmp_path / "dup"
     assert main(["train", "--preset", "duplication-small", "--steps", "1", "--eval-every", "0",

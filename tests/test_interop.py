@@ -17,6 +17,7 @@ from transformers.utils import logging as hf_logging
 
 from reformer import ReformerConfig, ReformerLM
 from reformer.interop import InteropError, from_transformers, to_transformers
+from reformer.interop.hf import TRANSFORMERS_SEMANTICS
 
 hf_logging.set_verbosity_error()
 warnings.filterwarnings("ignore", message=".*padded.*")
@@ -111,6 +112,27 @@ def test_round_trip_through_from_pretrained(shape, tmp_path):
         assert (again(ids) - lm(ids)).abs().max() == 0
 
 
+def test_model_built_here_exports_exactly(tmp_path):
+    """A model configured here with transformers' semantics (not imported first)."""
+    cfg = ReformerConfig(
+        vocab_size=40, d_model=24, n_heads=3, d_ff=48, n_layers=4, max_seq_len=96,
+        attention="lsh,local", n_hashes=2, chunk_len=8, n_buckets=6, hash_seed=4,
+        lsh_mode="chunk", lsh_wrap=True, lsh_dedup=False, key_norm="rms", attn_out_bias=False,
+        axial_shape=(8, 12), axial_dims=(12, 12), ff_activation="relu",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    lm = ReformerLM(cfg).double().eval()
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    to_transformers(lm, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_buckets"] == 6
+    back = ReformerModelWithLMHead.from_pretrained(tmp_path / "hf", dtype=F64).eval()
+    for length in (96, 53):
+        assert max_diff(back, lm, torch.randint(0, 40, (2, length))) < TOL
+
+
 def test_save_pretrained_directory_and_bin(tmp_path):
     hf = hf_model(CRIME_LIKE, num_hashes=2)
     hf.save_pretrained(tmp_path / "st")
@@ -172,6 +194,9 @@ def _hf_dir(tmp_path, **over):
         (dict(hidden_act="gelu_new"), "hidden_act"),
         (dict(num_buckets=None), "num_buckets"),
         (dict(attn_layers=["local", "full"] * 3), "attn_layers"),
+        (dict(model_type="bert"), "model_type"),
+        (dict(num_hidden_layers=4), "num_hidden_layers"),
+        (dict(lsh_attn_chunk_length=None), "lsh_attn_chunk_length"),
     ],
 )
 def test_import_refuses_what_it_cannot_represent(tmp_path, over, field):
@@ -193,6 +218,11 @@ def test_import_refuses_encoder_instances():
         (dict(attention="full", key_norm="rms", attn_out_bias=False), "attention"),
         (dict(reversible=False), "reversible"),
         (dict(causal=False), "causal"),
+        (dict(TRANSFORMERS_SEMANTICS, attn_out_bias=True), "attn_out_bias"),
+        (dict(TRANSFORMERS_SEMANTICS, key_norm="l2"), "key_norm"),
+        (dict(TRANSFORMERS_SEMANTICS, attention="local", shared_qk=True), "shared_qk"),
+        (dict(TRANSFORMERS_SEMANTICS, pos_emb="none"), "pos_emb"),
+        (dict(TRANSFORMERS_SEMANTICS, pad_multiple=128), "pad_multiple"),
     ],
 )
 def test_export_refuses_what_transformers_cannot_represent(tmp_path, over, field):
@@ -207,3 +237,20 @@ def test_export_needs_the_bucket_count(tmp_path):
     cfg = ReformerConfig.from_dict(imported.config.to_dict() | {"bucket_factors": None})
     with pytest.raises(InteropError, match="n_buckets"):
         to_transformers(ReformerLM(cfg), tmp_path / "out")
+
+
+def test_window_mode_without_dedup_generates_by_full_forward():
+    """The cache needs the duplicate correction; without it `generate` recomputes."""
+    from reformer.generate import generate, not_decodable
+
+    lm = from_transformers(hf_model(CRIME_LIKE, num_hashes=2))
+    lm.config.lsh_mode, lm.config.lsh_wrap = "window", False
+    lm2 = ReformerLM(ReformerConfig.from_dict(lm.config.to_dict())).to(F64)
+    lm2.load_state_dict(lm.state_dict())
+    assert "lsh_dedup" in not_decodable(lm2)
+    ids = torch.randint(0, 320, (1, 20))
+    out = generate(lm2, ids, 5, temperature=0)
+    with torch.no_grad():
+        for _ in range(5):
+            ids = torch.cat([ids, lm2(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ids)

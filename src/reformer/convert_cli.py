@@ -70,7 +70,18 @@ def _import(args: ConvertArgs) -> int:
                 f"the model's vocabulary ({cfg_m.vocab_size}) is smaller than bytes (256) and "
                 f"{src} has no sentencepiece model ({', '.join(SPM_FILES)}): no tokenizer fits"
             )
+        if 256 + offset > cfg_m.vocab_size:
+            raise ValueError(
+                f"--byte-offset {offset}: bytes + offset reach id {255 + offset}, past the "
+                f"model's vocabulary of {cfg_m.vocab_size}; the largest offset is "
+                f"{cfg_m.vocab_size - 256}"
+            )
     seq_len = args.seq_len or min(cfg_m.max_seq_len, 4096)
+    if seq_len > cfg_m.max_seq_len:
+        raise ValueError(
+            f"--seq-len {seq_len} exceeds the model's max_seq_len={cfg_m.max_seq_len} "
+            "(max_position_embeddings in config.json)"
+        )
     cfg = TrainConfig(
         model=cfg_m, task=task, data=args.data, seq_len=seq_len, out=str(out),
         byte_offset=offset, tokenizer=tokenizer, steps=1, eval_hashes=(),
@@ -95,10 +106,13 @@ def _export(args: ConvertArgs) -> int:
     model, cfg, ckpt, step = load_run(run, torch.device("cpu"))
     seq_len = args.seq_len or cfg.seq_len
     check_config(model.config, seq_len)  # refuse before writing
-    out = to_transformers(model, args.out, seq_len=seq_len)
     tok = resolve_tokenizer(cfg)
+    if tok is not None and not Path(tok).is_file():
+        raise FileNotFoundError(f"the run's tokenizer {tok} is missing; nothing was written")
+    out = to_transformers(model, args.out, seq_len=seq_len)
     if tok is not None:
-        shutil.copyfile(tok, out / "spiece.model")
+        shutil.copyfile(tok, out / ".spiece.model.tmp")
+        (out / ".spiece.model.tmp").replace(out / "spiece.model")
     print(f"wrote {out} (config.json, model.safetensors) from {ckpt} (step {step})")
     return 0
 

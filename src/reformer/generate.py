@@ -59,6 +59,11 @@ def not_decodable(model: ReformerLM) -> str | None:
             "decode needs lsh_mode='window': in 'chunk' mode future tokens move earlier "
             "tokens' chunks, so no cache can reproduce the full forward"
         )
+    if "lsh" in cfg.layer_kinds and not cfg.lsh_dedup:
+        return (
+            "decode needs lsh_dedup=True: the cache attends to the union of the rounds' "
+            "candidates, which is the full forward only with the duplicate correction"
+        )
     return None
 
 

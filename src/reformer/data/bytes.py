@@ -61,8 +61,11 @@ class ByteCorpus:
     vocab_size: int = 256
 
     def __init__(self, data: np.ndarray, name: str = "bytes", vocab_size: int = 256) -> None:
-        ok_dtype = data.dtype in (np.uint8, np.int32)
-        if not isinstance(data, np.ndarray) or data.ndim != 1 or not ok_dtype:
+        if (
+            not isinstance(data, np.ndarray)
+            or data.ndim != 1
+            or data.dtype not in (np.uint8, np.int32)
+        ):
             raise ValueError(
                 "ByteCorpus expects a 1-D uint8 numpy array (int32 for a subword corpus), got "
                 f"{type(data).__name__} with shape {getattr(data, 'shape', None)} and dtype "

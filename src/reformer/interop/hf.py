@@ -80,8 +80,13 @@ def config_from_hf(hf: dict[str, Any]) -> ReformerConfig:
     act = hf.get("hidden_act", "relu")
     if act not in HF_ACTIVATIONS:
         raise InteropError(f"config.json hidden_act={act!r}; supported: {sorted(HF_ACTIVATIONS)}")
-    lsh_c = int(hf.get("lsh_attn_chunk_length", 64))
-    local_c = int(hf.get("local_attn_chunk_length", 64))
+    lsh_c, local_c = hf.get("lsh_attn_chunk_length", 64), hf.get("local_attn_chunk_length", 64)
+    for field, value in (("lsh_attn_chunk_length", lsh_c), ("local_attn_chunk_length", local_c)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InteropError(
+                f"config.json {field}={value!r}: a positive int is needed (null, transformers' "
+                "whole-sequence attention, is not supported)"
+            )
     factors: tuple[int, ...] | None = None
     if "lsh" in kinds:
         nb = hf.get("num_buckets")
@@ -119,7 +124,7 @@ def config_from_hf(hf: dict[str, Any]) -> ReformerConfig:
             pad_multiple=_lcm_pad(set(kinds), lsh_c, local_c),
             causal=True,
             reversible=True,
-            dropout=float(hf.get("hidden_dropout_prob", 0.0)),
+            dropout=float(hf.get("hidden_dropout_prob", 0.05)),  # transformers' default
             layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
             ff_activation=HF_ACTIVATIONS[act],
             **pos,
@@ -150,7 +155,8 @@ def hf_buckets(cfg: ReformerConfig, seq_len: int | None) -> int | list[int]:
         raise InteropError(
             f"ReformerConfig.n_buckets={K} is factorised here as {ours} with one rotation "
             "tensor per factor, but transformers slices one tensor: with hash_seed set the "
-            f"rotations would differ. Use bucket_factors={tuple(reversed(ours))} instead"
+            f"rotations would differ. Use bucket_factors={tuple(reversed(ours))} and "
+            "n_buckets=None instead"
         )
     return ours[0] if len(ours) == 1 else list(reversed(ours))
 
@@ -189,7 +195,11 @@ def config_to_hf(cfg: ReformerConfig, seq_len: int | None = None) -> dict[str, A
     if cfg.attn_out_bias:
         refuse("attn_out_bias", True, "its attention output projection has no bias")
     if cfg.key_norm != "rms" and any(cfg.shared_qk_for(k) for k in kinds):
-        refuse("key_norm", cfg.key_norm, "it normalises keys as 'rms'")
+        refuse(
+            "key_norm",
+            cfg.key_norm,
+            "it normalises keys as 'rms' (about 1e-8 apart from 'l2'; set key_norm='rms')",
+        )
     if cfg.pos_emb == "none" or (cfg.pos_emb == "axial" and len(cfg.resolved_axial_shape) != 2):
         refuse(
             "pos_emb",
