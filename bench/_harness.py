@@ -96,6 +96,9 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
         json.dump(data, f, indent=2)
         tmp = f.name
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)  # NamedTemporaryFile is 0600; results are for sharing
     os.replace(tmp, path)
 
 

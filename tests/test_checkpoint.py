@@ -476,3 +476,20 @@ def test_crash_while_resaving_same_step_restores_old(
     target = make_mlp(2)
     load_checkpoint(good, target)
     assert_same_tree(old_model.state_dict(), target.state_dict())
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_checkpoint_files_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    """The safetensors files get the same mode as the JSON beside them: the umask's."""
+    model = nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(1, 3)).sum().backward()
+    opt.step()
+    old = os.umask(umask)
+    try:
+        path = save_checkpoint(tmp_path / "run", 1, model, opt, config={"a": 1})
+    finally:
+        os.umask(old)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in path.iterdir()}
+    assert any(name.endswith(".safetensors") for name in modes)
+    assert set(modes.values()) == {0o666 & ~umask}, modes

@@ -482,9 +482,24 @@ def _write_bytes(path: Path, data: bytes) -> dict[str, Any]:
     return {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
 
 
+def file_mode() -> int:
+    """The mode a new file gets from the user's umask (0644 under umask 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def save_tensors(path: Path | str, tensors: dict[str, torch.Tensor]) -> None:
+    """safetensors' save_file, with the file's mode following the umask like every other
+    file (save_file writes through a private temporary file: 0600, which a group sharing
+    the run directory could not read)."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, file_mode())
+
+
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Save tensors with safetensors, fsync, and return the manifest entry."""
-    save_file(_standalone(tensors), str(path), metadata={"format": "pt"})
+    save_tensors(path, _standalone(tensors))
     digest = hashlib.sha256()
     size = 0
     with open(path, "rb") as f:

@@ -7,13 +7,19 @@ TOML) < command-line overrides. Unknown keys are errors at every layer.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from .config import ReformerConfig
+from .validate import at_least, check_annotations, within
+
+# The model fields a translation run reads (its encoder-decoder's shared sizes).
+TRANSLATION_MODEL_FIELDS = frozenset(
+    ("d_model", "d_ff", "n_heads", "n_layers", "dropout", "reversible", "n_hashes", "chunk_len")
+)
 
 
 @dataclass
@@ -32,6 +38,15 @@ class OptimConfig:
     """Gradient-norm clipping threshold; 0 disables."""
     accumulate: int = 1
     """Micro-batches per optimiser step (gradient accumulation)."""
+
+    def __post_init__(self) -> None:
+        check_annotations(self, "optim.")
+        at_least("optim.lr", self.lr, 0, strict=True)
+        at_least("optim.weight_decay", self.weight_decay, 0)
+        at_least("optim.warmup_steps", self.warmup_steps, 0)
+        within("optim.min_lr_ratio", self.min_lr_ratio, 0, 1)
+        at_least("optim.clip", self.clip, 0)
+        at_least("optim.accumulate", self.accumulate, 1)
 
 
 @dataclass
@@ -62,6 +77,28 @@ class TranslationConfig:
     length_penalty: float = 0.6
     bleu_sentences: int = 0
     """Validation sentences translated for BLEU at each evaluation (0: all)."""
+
+    def __post_init__(self) -> None:
+        check_annotations(self, "translation.")
+        for name in ("src_lang", "tgt_lang"):
+            if not getattr(self, name).strip():
+                raise ValueError(f"translation.{name} must be a language code such as 'en'")
+        if self.src_lang == self.tgt_lang:
+            raise ValueError(
+                f"translation.src_lang and tgt_lang are both {self.src_lang!r}; they must differ"
+            )
+        # sentencepiece needs room for its 4 special pieces and some real ones
+        at_least("translation.vocab_size", self.vocab_size, 16)
+        for name in ("n_enc_layers", "max_len", "max_tokens", "eval_beam", "beam"):
+            at_least(f"translation.{name}", getattr(self, name), 1)
+        within("translation.label_smoothing", self.label_smoothing, 0, 1, open_high=True)
+        at_least("translation.length_penalty", self.length_penalty, 0)
+        at_least("translation.bleu_sentences", self.bleu_sentences, 0)
+        if self.max_tokens < self.max_len:
+            raise ValueError(
+                f"translation.max_tokens={self.max_tokens} is below translation.max_len="
+                f"{self.max_len}: a batch must hold at least one sentence of the longest length"
+            )
 
 
 @dataclass
@@ -123,24 +160,21 @@ class TrainConfig:
     relative path is looked up in the run directory first)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.eval_hashes, list):
+            self.eval_hashes = tuple(self.eval_hashes)
+        check_annotations(self, "")
         for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive int; got {value!r}")
+            at_least(name, getattr(self, name), 1)
         for name in ("eval_every", "log_every", "eval_batches"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"TrainConfig.{name} must be an int >= 0; got {value!r}")
-        if self.optim.accumulate < 1:
-            raise ValueError(f"optim.accumulate must be >= 1; got {self.optim.accumulate}")
-        if self.optim.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps must be >= 0; got {self.optim.warmup_steps}")
-        if self.parallel not in ("ddp", "fsdp"):
-            raise ValueError(f"parallel must be 'ddp' or 'fsdp'; got {self.parallel!r}")
-        if isinstance(self.byte_offset, bool) or not isinstance(self.byte_offset, int):
-            raise TypeError(f"TrainConfig.byte_offset must be an int; got {self.byte_offset!r}")
-        if self.byte_offset < 0:
-            raise ValueError(f"TrainConfig.byte_offset must be >= 0; got {self.byte_offset}")
+            at_least(name, getattr(self, name), 0)
+        for n in self.eval_hashes:
+            within("eval_hashes", n, 1, 64)
+        if self.eval_batch_size is not None:
+            at_least("eval_batch_size", self.eval_batch_size, 1)
+        if self.max_minutes is not None:
+            at_least("max_minutes", self.max_minutes, 0, strict=True)
+        at_least("byte_offset", self.byte_offset, 0)
+        self._refuse_unused()
         if self.byte_offset and self.task not in ("enwik8", "text"):
             raise ValueError(
                 f"TrainConfig.byte_offset={self.byte_offset} applies to the byte-level tasks "
@@ -151,8 +185,51 @@ class TrainConfig:
                 f"TrainConfig.tokenizer is for task 'text' without byte_offset (got task="
                 f"{self.task!r}, byte_offset={self.byte_offset}): the text is encoded with it"
             )
-        if 64 % self.image_side:
+        if not 1 <= self.image_side <= 64 or 64 % self.image_side:
             raise ValueError(f"image_side must divide 64 (1..64); got {self.image_side}")
+
+    def _refuse_unused(self) -> None:
+        """A field the task does not read is refused when set, not silently ignored."""
+        default = TrainConfig.__new__(TrainConfig)  # the field defaults, without validation
+        for f in fields(TrainConfig):
+            if f.default is not MISSING:
+                setattr(default, f.name, f.default)
+        unused: list[str] = []
+        if self.task == "translation":
+            base = ReformerConfig()
+            unused += [
+                f"model.{f.name}"
+                for f in fields(ReformerConfig)
+                if f.name not in TRANSLATION_MODEL_FIELDS
+                and getattr(self.model, f.name) != getattr(base, f.name)
+            ]
+            unused += [
+                n for n in ("seq_len", "eval_hashes") if getattr(self, n) != getattr(default, n)
+            ]
+            why = (
+                "translation runs take d_model, d_ff, n_heads, n_layers, dropout, reversible, "
+                "n_hashes and chunk_len from model, the rest from translation.*"
+            )
+        else:
+            base_t = TranslationConfig()
+            unused += [
+                f"translation.{f.name}"
+                for f in fields(TranslationConfig)
+                if getattr(self.translation, f.name) != getattr(base_t, f.name)
+            ]
+            why = "translation.* is read by task 'translation' only"
+        if self.task != "images" and self.image_side != default.image_side:
+            unused.append("image_side")
+            why += "; image_side by task 'images' only"
+        if self.task == "duplication" and self.data is not None:
+            unused.append("data")
+            why += "; the duplication task generates its data"
+        if unused:
+            raise ValueError(
+                f"{', '.join(unused)} set, but task {self.task!r} does not use "
+                f"{'it' if len(unused) == 1 else 'them'} ({why}); remove "
+                f"{'it' if len(unused) == 1 else 'them'} or choose the task that does"
+            )
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -120,7 +120,7 @@ def to_transformers(
     anything, naming the field transformers cannot represent (window mode, full attention,
     duplicate correction, ...).
     """
-    from safetensors.torch import save_file
+    from ..checkpoint import save_tensors
 
     if not isinstance(lm, ReformerLM):
         raise TypeError(f"to_transformers takes a ReformerLM; got {type(lm).__name__}")
@@ -131,7 +131,7 @@ def to_transformers(
     # Each file written beside its final name and renamed over it: a crash leaves the old
     # file or the new one, never half of one; plain open() follows the user's umask.
     tmp = out / f".{SAFETENSORS_FILE}.tmp"
-    save_file(tensors, tmp, metadata={"format": "pt"})
+    save_tensors(tmp, tensors)
     os.replace(tmp, out / SAFETENSORS_FILE)
     tmp = out / f".{CONFIG_FILE}.tmp"
     tmp.write_text(json.dumps(hf, indent=2) + "\n")

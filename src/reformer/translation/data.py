@@ -34,6 +34,8 @@ from reformer.data._common import (
     make_generator,
 )
 
+from ..checkpoint import file_mode
+
 PathLike = str | os.PathLike[str]
 
 _SGML_SUFFIXES = (".sgm", ".sgml")
@@ -229,6 +231,7 @@ class Tokenizer:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(model.getvalue())
+            os.chmod(tmp, file_mode())  # mkstemp makes it 0600; the umask decides
             os.replace(tmp, out)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
