@@ -253,3 +253,13 @@ def test_generate_text_and_image(tmp_path, capsys):
     import matplotlib.image
 
     assert matplotlib.image.imread(png).shape[:2] == (4, 4)
+
+
+def test_presets_are_package_files_that_build_configs():
+    from reformer.run_config import PRESET_DIR
+
+    files = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    assert files == sorted(PRESETS) and len(files) >= 9
+    for name in files:
+        cfg = config_from_dict(dict(PRESETS[name]), where=f"preset {name}")
+        assert cfg.task == PRESETS[name]["task"]

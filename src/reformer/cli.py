@@ -97,13 +97,16 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
 
 def cmd_train(argv: list[str]) -> int:
     if "--list-presets" in argv:
+        from .run_config import PRESET_DIR
+
+        print(f"presets (files in {PRESET_DIR}; `--preset NAME`, or copy one as --config):")
         for name, p in PRESETS.items():
             m = p.get("model", {})
-            print(
-                f"{name:18} task={p.get('task')} seq_len={p.get('seq_len')} "
-                f"layers={m.get('n_layers')} d_model={m.get('d_model')} "
-                f"attention={m.get('attention')}"
-            )
+            shape = f"layers={m.get('n_layers')} d_model={m.get('d_model')}"
+            if p.get("task") != "translation":
+                shape += f" attention={m.get('attention')} seq_len={p.get('seq_len')}"
+            about = (PRESET_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
+            print(f"  {name:18} task={p.get('task')} {shape}\n  {'':18} {about}")
         return 0
     cfg = parse_train_args(argv)
     # Under torchrun: one process group for the whole run, destroyed when train() returns;

@@ -243,148 +243,22 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- presets ---------------------------------------------------------------------------------
-def _dup(seq_len: int, **model: Any) -> dict[str, Any]:
-    m = dict(
-        vocab_size=128,
-        d_model=256,
-        d_ff=256,
-        n_heads=4,
-        n_layers=1,
-        max_seq_len=seq_len,
-        attention="lsh",
-        n_hashes=4,
-        chunk_len=64,
-        pos_emb="absolute",
-    )
-    m.update(model)
-    return dict(task="duplication", seq_len=seq_len, model=m)
+# One YAML file per preset in the package (presets/NAME.yaml), in the same nested keys as a
+# --config file; `reformer train --list-presets` lists them.
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's section 5 task exactly: 0 w 0 w, |w| = 511 symbols of 1..127, length 1024.
-    "duplication": _dup(1024)
-    | dict(steps=20000, batch_size=16, optim=dict(lr=1e-3, warmup_steps=1000)),
-    # The same task at a length that trains to >= 95% with 4 hashes in minutes on 2 CPU
-    # cores (measured: 100% validation accuracy by step 200, ~0.25 s per step).
-    "duplication-small": _dup(256, d_model=128, d_ff=128, chunk_len=16)
-    | dict(
-        steps=600,
-        batch_size=16,
-        eval_every=100,
-        checkpoint_every=100,
-        optim=dict(lr=2e-3, warmup_steps=100, schedule="cosine"),
-    ),
-    # The authors' enwik8 model: 12 layers, 64K context, (local, local, lsh, local) pattern.
-    "enwik8": dict(
-        task="enwik8",
-        seq_len=65536,
-        steps=20000,
-        batch_size=1,
-        model=dict(
-            vocab_size=256,
-            d_model=1024,
-            d_ff=4096,
-            n_heads=8,
-            n_layers=12,
-            max_seq_len=65536,
-            attention="local,local,lsh,local",
-            n_hashes=4,
-            chunk_len=128,
-            axial_shape=[128, 512],
-            dropout=0.1,
-        ),
-        optim=dict(name="adafactor", lr=1e-2, warmup_steps=8000),
-    ),
-    # What trains usefully on 2 CPU cores: ~2.8 s per step of 8 x 1024 bytes, 400 steps in
-    # ~20 minutes (measured bits per character in the README).
-    "enwik8-small": dict(
-        task="enwik8",
-        seq_len=1024,
-        steps=400,
-        batch_size=8,
-        eval_every=100,
-        checkpoint_every=100,
-        model=dict(
-            vocab_size=256,
-            d_model=256,
-            d_ff=512,
-            n_heads=4,
-            n_layers=4,
-            max_seq_len=1024,
-            attention="local,lsh",
-            n_hashes=2,
-            chunk_len=64,
-        ),
-        optim=dict(lr=2e-3, warmup_steps=50, schedule="cosine"),
-    ),
-    "imagenet64": dict(
-        task="images",
-        image_side=64,
-        seq_len=12288,
-        steps=20000,
-        batch_size=1,
-        model=dict(
-            vocab_size=256,
-            d_model=1024,
-            d_ff=4096,
-            n_heads=8,
-            n_layers=12,
-            max_seq_len=12288,
-            attention="lsh",
-            n_hashes=4,
-            chunk_len=128,
-            axial_shape=[64, 192],
-        ),
-        optim=dict(name="adafactor", lr=1e-2, warmup_steps=8000),
-    ),
-    "imagenet64-small": dict(
-        task="images",
-        image_side=16,
-        seq_len=768,
-        steps=1000,
-        batch_size=8,
-        eval_every=250,
-        checkpoint_every=250,
-        model=dict(
-            vocab_size=256,
-            d_model=128,
-            d_ff=256,
-            n_heads=4,
-            n_layers=3,
-            max_seq_len=768,
-            attention="local,lsh",
-            n_hashes=2,
-            chunk_len=32,
-        ),
-        optim=dict(lr=2e-3, warmup_steps=100, schedule="cosine"),
-    ),
-}
+def _load_presets() -> dict[str, dict[str, Any]]:
+    presets = {}
+    for path in sorted(PRESET_DIR.glob("*.yaml"), key=lambda p: p.stem):
+        data = yaml.safe_load(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"preset file {path} must hold a mapping of config keys")
+        presets[path.stem] = data
+    return presets
 
 
-def _mt(d_model: int, d_ff: int, heads: int, layers: int, **translation: Any) -> dict[str, Any]:
-    model = dict(d_model=d_model, d_ff=d_ff, n_heads=heads, n_layers=layers, dropout=0.1)
-    return dict(
-        task="translation", model=model, translation=dict(n_enc_layers=layers) | translation
-    )
-
-
-# The paper's reversible base model (6 + 6 layers, d_model 512), for WMT14-sized data.
-PRESETS["wmt14-base"] = _mt(512, 2048, 8, 6, vocab_size=32000, max_tokens=8192) | dict(
-    steps=100000,
-    eval_every=5000,
-    checkpoint_every=5000,
-    optim=dict(lr=7e-4, warmup_steps=4000, schedule="rsqrt"),
-)
-# What trains on Multi30k (29K caption pairs) in about an hour on 2 CPU cores: 1,200 steps
-# of ~2K-token batches, ~5 epochs (measured BLEU in the README's Reproduction section).
-PRESETS["multi30k-small"] = _mt(256, 1024, 4, 3, vocab_size=8000, max_tokens=2048) | dict(
-    steps=1200,
-    eval_every=300,
-    checkpoint_every=300,
-    optim=dict(lr=1e-3, warmup_steps=300, schedule="cosine", min_lr_ratio=0.05),
-)
-# Any local text file, byte level (--data FILE): enwik8-small's model on the user's text.
-PRESETS["text"] = _merge(PRESETS["enwik8-small"], {"task": "text"})
+PRESETS: dict[str, dict[str, Any]] = _load_presets()
 
 
 # --- config plumbing ---------------------------------------------------------------------------
