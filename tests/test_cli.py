@@ -263,3 +263,29 @@ def test_presets_are_package_files_that_build_configs():
     for name in files:
         cfg = config_from_dict(dict(PRESETS[name]), where=f"preset {name}")
         assert cfg.task == PRESETS[name]["task"]
+
+
+def test_tensorboard_logs_the_same_metrics(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "r"
+    args = ["train", "--preset", "duplication-small", "--steps", "4", "--log-every", "1",
+            "--eval-every", "2", "--eval-batches", "1", "--eval-hashes", "--no-progress",
+            "--tensorboard", "--out", str(out), *TINY]  # fmt: skip
+    assert main(args) == 0
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    logged = {e.step: e.value for e in acc.Scalars("loss")}
+    assert logged.keys() == _losses(out).keys()
+    for step, loss in _losses(out).items():
+        assert abs(logged[step] - loss) <= 1e-6 * abs(loss)  # TensorBoard stores float32
+    assert [e.step for e in acc.Scalars("eval/loss")] == [2, 4]
+
+
+def test_tensorboard_missing_is_refused_before_writing(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
+    out = tmp_path / "r"
+    assert main(["train", "--preset", "duplication-small", "--tensorboard", "--out", str(out)]) == 2
+    assert "tensorboard package" in capsys.readouterr().err and not out.exists()

@@ -144,6 +144,9 @@ class TrainConfig:
     shards parameters, gradients and optimiser state over the ranks (FSDP2). Ignored in a
     single process."""
     progress: bool = True
+    tensorboard: bool = False
+    """Also log every metric to DIR/tensorboard (TensorBoard event files; needs the
+    tensorboard package, `pip install '.[tensorboard]'`)."""
     preset: str | None = None
     """Named starting point: see `reformer train --list-presets`."""
     config: str | None = None

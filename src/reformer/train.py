@@ -171,10 +171,23 @@ def evaluate(
 
 
 class MetricsLog:
-    """DIR/metrics.jsonl: one JSON object per line, appended and flushed as it goes."""
+    """DIR/metrics.jsonl: one JSON object per line, appended and flushed as it goes; with
+    `tensorboard` set, every numeric field of each record also goes to TensorBoard event
+    files in that directory (torch.utils.tensorboard; needs the tensorboard package)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, tensorboard: Path | None = None) -> None:
         self.path = path
+        self._tb_dir = tensorboard
+        self._tb = None
+        if tensorboard is not None:
+            check_tensorboard()
+
+    def _writer(self):
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self._tb_dir))
+        return self._tb
 
     def truncate_after(self, step: int) -> None:
         """Drop records past `step` (and any torn last line) when resuming."""
@@ -194,6 +207,16 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
+        if self._tb_dir is not None and "step" in record:
+            tb = self._writer()
+            for key, value in record.items():
+                if (
+                    key != "step"
+                    and isinstance(value, (int, float))
+                    and not isinstance(value, bool)
+                ):
+                    tb.add_scalar(key.replace("eval_", "eval/"), value, record["step"])
+            tb.flush()
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():
@@ -225,6 +248,17 @@ def resolve_tokenizer(cfg: TrainConfig) -> str | None:
     return (
         str(in_run) if not Path(cfg.tokenizer).is_absolute() and in_run.exists() else cfg.tokenizer
     )
+
+
+def check_tensorboard() -> None:
+    """Fail early, before any file is written, when TensorBoard logging cannot work."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError as e:
+        raise ValueError(
+            "--tensorboard needs the tensorboard package: pip install -c constraints.txt "
+            "'.[tensorboard]' (or run without --tensorboard)"
+        ) from e
 
 
 def check_compatible(cfg: TrainConfig, task: Task) -> None:
@@ -311,7 +345,7 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, Any
     model = build_model(cfg, device)
     opt = build_optimizer(model, cfg.optim)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.optim, cfg.steps, s))
-    metrics = MetricsLog(out / "metrics.jsonl")
+    metrics = MetricsLog(out / "metrics.jsonl", out / "tensorboard" if cfg.tensorboard else None)
     resolved = config_to_dict(cfg)
     start = 0
     ckpt = latest_checkpoint(out) if rank == 0 and out.exists() else None

@@ -203,7 +203,7 @@ def train_translation(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> d
     model = ReformerEncDec(encdec_config(cfg, tok.vocab_size)).to(device)
     opt = build_optimizer(model, cfg.optim)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_schedule(cfg))
-    metrics = MetricsLog(out / "metrics.jsonl")
+    metrics = MetricsLog(out / "metrics.jsonl", out / "tensorboard" if cfg.tensorboard else None)
     resolved = config_to_dict(cfg)
     start = 0
     if ckpt is not None:
