@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import reformer.checkpoint as ckpt_mod
+import reformer.checkpoint.codec as ckpt_codec
 from reformer.checkpoint import (
     FORMAT,
     CheckpointError,
@@ -430,7 +431,7 @@ def test_hard_crash_mid_write_keeps_previous(
 ) -> None:
     """A kill after some files are written leaves a .tmp dir that is never picked."""
     good = save_simple(tmp_path, 1)
-    real_save = ckpt_mod.save_file
+    real_save = ckpt_codec.save_file
     calls = {"n": 0}
 
     def crashing_save(*args: object, **kwargs: object) -> None:
@@ -440,7 +441,7 @@ def test_hard_crash_mid_write_keeps_previous(
         real_save(*args, **kwargs)
 
     # Also disable cleanup, as a real kill would not run it.
-    monkeypatch.setattr(ckpt_mod, "save_file", crashing_save)
+    monkeypatch.setattr(ckpt_codec, "save_file", crashing_save)
     monkeypatch.setattr(ckpt_mod.shutil, "rmtree", lambda *a, **k: None)
     model = make_mlp(3)
     with pytest.raises(KeyboardInterrupt):

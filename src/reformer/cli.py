@@ -66,14 +66,9 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
     layers: dict = {}
     if known.init_from:
         # The architecture comes with the weights: their run's model config is the base.
-        from .checkpoint import latest_checkpoint, read_checkpoint_config
+        from .checkpoint import read_checkpoint_config, resolve_checkpoint
 
-        src = Path(known.init_from)
-        ckpt = src if (src / "meta.json").exists() else latest_checkpoint(src)
-        if ckpt is None:
-            raise CheckpointError(
-                f"--init-from {src}: no checkpoint there (a run or checkpoint dir)"
-            )
+        ckpt = resolve_checkpoint(known.init_from)
         saved = read_checkpoint_config(ckpt)
         layers = {k: saved[k] for k in ("model", "task", "byte_offset") if k in saved}
         if saved.get("tokenizer"):  # the init run's tokenizer file, wherever that run is
@@ -287,12 +282,10 @@ def cmd_translate(argv: list[str]) -> int:
 
 
 def _is_translation_run(path: Path) -> bool:
-    from .checkpoint import latest_checkpoint, read_checkpoint_config
+    from .checkpoint import read_checkpoint_config
 
-    ckpt = path if (path / "meta.json").exists() else latest_checkpoint(path)
-    if ckpt is None:
-        return False
-    return read_checkpoint_config(ckpt).get("task") == "translation"
+    # read_checkpoint_config resolves a run directory and says what is wrong with a path
+    return read_checkpoint_config(path).get("task") == "translation"
 
 
 VERBS = {

@@ -26,7 +26,13 @@ from typing import Any
 import torch
 import yaml
 
-from .checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_config, save_checkpoint
+from .checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_checkpoint_config,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from .data.tasks import Task, accuracy_counts, build_task
 from .distributed import (
     StateView,
@@ -538,9 +544,7 @@ def load_run(path: Path, device: torch.device) -> tuple[ReformerLM, TrainConfig,
     directory used, its step). Raises CheckpointError when there is nothing to load."""
     from .checkpoint import CheckpointError
 
-    ckpt = path if (path / "meta.json").exists() else latest_checkpoint(path)
-    if ckpt is None:
-        raise CheckpointError(f"{path}: no checkpoint found (expected a run or checkpoint dir)")
+    ckpt = resolve_checkpoint(path)
     try:
         cfg = config_from_dict(read_checkpoint_config(ckpt), where=f"{ckpt}/config.json")
     except (TypeError, ValueError) as e:

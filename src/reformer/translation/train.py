@@ -23,6 +23,7 @@ from ..checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     read_checkpoint_config,
+    resolve_checkpoint,
     save_checkpoint,
 )
 from ..run_config import TrainConfig, config_from_dict, config_to_dict
@@ -336,9 +337,7 @@ def load_translation_run(path: Path, device: torch.device) -> TranslationRun:
     """A run or checkpoint directory of a translation run -> model (eval mode), tokenizer,
     config, checkpoint directory and step."""
     path = Path(path)
-    ckpt = path if (path / "meta.json").exists() else latest_checkpoint(path)
-    if ckpt is None:
-        raise CheckpointError(f"{path}: no checkpoint found (expected a run or checkpoint dir)")
+    ckpt = resolve_checkpoint(path)
     cfg = config_from_dict(read_checkpoint_config(ckpt), where=f"{ckpt}/config.json")
     if cfg.task != "translation":
         raise CheckpointError(f"{ckpt}: a {cfg.task!r} run, not a translation run")

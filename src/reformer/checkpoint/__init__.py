@@ -1,0 +1,343 @@
+"""Crash-safe training checkpoints that load without unpickling code.
+
+A checkpoint is a directory ``run_dir/checkpoints/step-{step:08d}/`` holding only
+safetensors and JSON files, so loading one never executes code from disk (no
+``torch.load``, no ``pickle``):
+
+=========================  ===================================================
+``model.safetensors``      ``model.state_dict()`` (tied tensors stored per key)
+``optimizer.safetensors``  tensors of ``optimizer.state_dict()`` under
+                           ``state/{param_index}/{name}`` (if an optimizer)
+``optimizer.json``         the rest of the optimizer state dict: param groups,
+                           Python scalars, placeholders for the tensors
+``scheduler.json``         ``scheduler.state_dict()`` (plus
+                           ``scheduler.safetensors`` if it holds tensors)
+``rng.safetensors``        torch CPU (and CUDA) generator states as uint8
+``rng.json``               Python ``random`` and NumPy generator states
+``state.json``             caller's training state (data position, metrics)
+``config.json``            caller's resolved config (to rebuild the model)
+``meta.json``              format identifier, step, torch version and the
+                           sha256 and size of every other file
+=========================  ===================================================
+
+Atomicity: everything is written into a temporary sibling directory
+(``.tmp-step-...``), each file and the directory are fsynced, ``meta.json`` is
+written last, and the directory is moved into place with :func:`os.replace`.
+A crash at any moment therefore leaves either the previous complete checkpoints
+or the new complete one; leftover ``.tmp-*`` directories are never picked by
+:func:`latest_checkpoint` and are deleted by the next :func:`save_checkpoint`.
+
+Nested Python structures (optimizer and scheduler state dicts, RNG states) are
+stored as JSON with a small tagging scheme so they round-trip exactly: tensors
+become ``{"__tensor__": key}`` (the tensor lives in the sibling safetensors
+file), tuples become ``{"__tuple__": [...]}`` and dicts with non-string keys
+become ``{"__items__": [[key, value], ...]}``.
+
+Checkpoints are ordered by step: "newest" means "highest step". A single writer
+per run directory is assumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+
+from .codec import (
+    _check_model_compat,
+    _check_optimizer_compat,
+    _encode,
+    _json_bytes,
+    _model_tensors,
+    _read_json,
+    _read_structured,
+    _read_tensors,
+    _write_tensors,
+    file_mode,
+    save_tensors,
+)
+from .rng import _capture_rng, _restore_rng
+from .store import (
+    _CHECKPOINTS_SUBDIR,
+    _TMP_PREFIX,
+    CONFIG_FILE,
+    FORMAT,
+    META_FILE,
+    MODEL_FILE,
+    OPTIMIZER_JSON_FILE,
+    OPTIMIZER_TENSORS_FILE,
+    RNG_JSON_FILE,
+    RNG_TENSORS_FILE,
+    SCHEDULER_JSON_FILE,
+    SCHEDULER_TENSORS_FILE,
+    STATE_FILE,
+    CheckpointError,
+    _fsync_dir,
+    _prune,
+    _read_meta,
+    _resolve,
+    _step_dir_name,
+    _verify_file,
+    _write_bytes,
+    latest_checkpoint,
+    resolve_checkpoint,
+)
+
+__all__ = [
+    "FORMAT",
+    "CheckpointError",
+    "LoadedCheckpoint",
+    "file_mode",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "read_checkpoint_config",
+    "resolve_checkpoint",
+    "save_checkpoint",
+    "save_tensors",
+]
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """What :func:`load_checkpoint` returns besides the restored objects.
+
+    Attributes:
+        step: Training step the checkpoint was saved at.
+        state: The JSON training state passed to :func:`save_checkpoint`.
+        config: The JSON config passed to :func:`save_checkpoint`.
+        path: The checkpoint directory that was loaded.
+    """
+
+    step: int
+    state: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+
+def save_checkpoint(
+    run_dir: Path | str,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: LRScheduler | None = None,
+    state: Mapping[str, Any] | None = None,
+    config: Mapping[str, Any] | None = None,
+    keep: int = 3,
+) -> Path:
+    """Atomically write a checkpoint to ``run_dir/checkpoints/step-{step:08d}/``.
+
+    Args:
+        run_dir: Run directory; checkpoints go to its ``checkpoints`` subdirectory.
+        step: Non-negative training step; names the checkpoint and orders checkpoints.
+        model: Module whose ``state_dict()`` is saved (tied weights are fine).
+        optimizer: Optional optimizer whose full state is saved.
+        scheduler: Optional learning-rate scheduler whose state is saved.
+        state: JSON-serialisable training state (data position, best metric, ...).
+        config: JSON-serialisable resolved config, readable with
+            :func:`read_checkpoint_config` before the model exists.
+        keep: Number of newest complete checkpoints to keep (>= 1); older ones and
+            stale ``.tmp-*`` directories are deleted after a successful save.
+
+    Returns:
+        The path of the new checkpoint directory.
+
+    Raises:
+        ValueError: ``step`` is negative or ``keep`` < 1.
+        TypeError: ``state``/``config`` (or an optimizer/scheduler state) cannot be
+            represented as JSON + tensors.
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep!r}")
+
+    ckpt_root = Path(run_dir) / _CHECKPOINTS_SUBDIR
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    name = _step_dir_name(step)
+    final = ckpt_root / name
+    tmp = ckpt_root / f"{_TMP_PREFIX}{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    # Serialise the JSON payloads first so that bad input fails before any I/O.
+    state_bytes = _json_bytes(dict(state or {}), "state")
+    config_bytes = _json_bytes(dict(config or {}), "config")
+
+    displaced: Path | None = None
+    tmp.mkdir()
+    try:
+        files: dict[str, dict[str, Any]] = {}
+
+        files[MODEL_FILE] = _write_tensors(tmp / MODEL_FILE, _model_tensors(model))
+
+        if optimizer is not None:
+            tensors: dict[str, torch.Tensor] = {}
+            encoded = _encode(optimizer.state_dict(), "", tensors)
+            files[OPTIMIZER_TENSORS_FILE] = _write_tensors(tmp / OPTIMIZER_TENSORS_FILE, tensors)
+            files[OPTIMIZER_JSON_FILE] = _write_bytes(
+                tmp / OPTIMIZER_JSON_FILE, _json_bytes(encoded, "optimizer state")
+            )
+
+        if scheduler is not None:
+            tensors = {}
+            encoded = _encode(scheduler.state_dict(), "", tensors)
+            if tensors:
+                files[SCHEDULER_TENSORS_FILE] = _write_tensors(
+                    tmp / SCHEDULER_TENSORS_FILE, tensors
+                )
+            files[SCHEDULER_JSON_FILE] = _write_bytes(
+                tmp / SCHEDULER_JSON_FILE, _json_bytes(encoded, "scheduler state")
+            )
+
+        tensors = {}
+        encoded = _encode(_capture_rng(), "", tensors)
+        files[RNG_TENSORS_FILE] = _write_tensors(tmp / RNG_TENSORS_FILE, tensors)
+        files[RNG_JSON_FILE] = _write_bytes(tmp / RNG_JSON_FILE, _json_bytes(encoded, "rng"))
+
+        files[STATE_FILE] = _write_bytes(tmp / STATE_FILE, state_bytes)
+        files[CONFIG_FILE] = _write_bytes(tmp / CONFIG_FILE, config_bytes)
+
+        meta = {
+            "format": FORMAT,
+            "step": step,
+            "torch_version": torch.__version__,
+            "model_class": type(model).__qualname__,
+            "optimizer_class": None if optimizer is None else type(optimizer).__qualname__,
+            "scheduler_class": None if scheduler is None else type(scheduler).__qualname__,
+            "files": files,
+        }
+        # meta.json last: a directory with a valid meta.json has all its files.
+        _write_bytes(tmp / META_FILE, _json_bytes(meta, "meta"))
+        _fsync_dir(tmp)
+
+        if final.exists():
+            # Re-saving a step: os.replace cannot overwrite a non-empty directory,
+            # so move the old one aside (it then counts as stale) and drop it after.
+            displaced = ckpt_root / f"{_TMP_PREFIX}replaced-{name}-{uuid.uuid4().hex[:8]}"
+            os.replace(final, displaced)
+        os.replace(tmp, final)
+        _fsync_dir(ckpt_root)
+    except BaseException:
+        if displaced is not None and displaced.exists() and not final.exists():
+            with contextlib.suppress(OSError):  # put the previous copy of this step back
+                os.replace(displaced, final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    if displaced is not None:
+        shutil.rmtree(displaced, ignore_errors=True)
+    _prune(ckpt_root, keep=keep, protect=final)
+    return final
+
+
+def load_checkpoint(
+    path: Path | str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: LRScheduler | None = None,
+    restore_rng: bool = True,
+    map_location: str | torch.device = "cpu",
+) -> LoadedCheckpoint:
+    """Restore ``model`` (and optionally optimizer, scheduler, RNG) from a checkpoint.
+
+    Everything is validated before anything is modified: the format identifier,
+    the sha256 of every file, the model's keys and shapes (strict), and that the
+    optimizer/scheduler match what was saved.
+
+    Args:
+        path: A checkpoint directory, or a run directory (its latest complete
+            checkpoint is used).
+        model: Module to load weights into; must have exactly the saved keys/shapes.
+        optimizer: Optional optimizer to restore; it must be of the saved class with
+            the same parameter-group layout.
+        scheduler: Optional scheduler to restore; must be of the saved class.
+        restore_rng: Restore torch (CPU and CUDA), Python and NumPy RNG states.
+        map_location: Device the model weights are staged on before being copied into
+            the model (whose parameters keep their own devices). Optimizer state is
+            staged on CPU; ``optimizer.load_state_dict`` moves it next to its params.
+
+    Returns:
+        The step, training state and config stored in the checkpoint.
+
+    Raises:
+        CheckpointError: not a checkpoint, corrupt, or incompatible with the objects.
+    """
+    ckpt = _resolve(Path(path))
+    meta = _read_meta(ckpt)
+    for fname in meta["files"]:
+        _verify_file(ckpt, fname, meta["files"][fname])
+
+    device = str(map_location) if isinstance(map_location, torch.device) else map_location
+
+    # ---- read and validate everything before mutating anything -----------------
+    model_sd = _read_tensors(ckpt / MODEL_FILE, device)
+    _check_model_compat(ckpt, model, model_sd)
+
+    opt_sd: dict[str, Any] | None = None
+    if optimizer is not None:
+        opt_sd = _read_structured(
+            ckpt, meta, OPTIMIZER_JSON_FILE, OPTIMIZER_TENSORS_FILE, "cpu", "optimizer"
+        )
+        _check_optimizer_compat(ckpt, meta, optimizer, opt_sd)
+
+    sched_sd: dict[str, Any] | None = None
+    if scheduler is not None:
+        sched_sd = _read_structured(
+            ckpt, meta, SCHEDULER_JSON_FILE, SCHEDULER_TENSORS_FILE, "cpu", "scheduler"
+        )
+        saved_cls = meta.get("scheduler_class")
+        if saved_cls != type(scheduler).__qualname__:
+            raise CheckpointError(
+                f"{ckpt}: scheduler mismatch: checkpoint holds {saved_cls} state but a "
+                f"{type(scheduler).__qualname__} was given; pass the same scheduler class "
+                "or scheduler=None to skip restoring it"
+            )
+
+    rng: dict[str, Any] | None = None
+    if restore_rng and RNG_JSON_FILE in meta["files"]:
+        rng = _read_structured(ckpt, meta, RNG_JSON_FILE, RNG_TENSORS_FILE, "cpu", "rng")
+
+    state = _read_json(ckpt / STATE_FILE) if STATE_FILE in meta["files"] else {}
+    config = _read_json(ckpt / CONFIG_FILE) if CONFIG_FILE in meta["files"] else {}
+
+    # ---- apply -------------------------------------------------------------------
+    model.load_state_dict(model_sd, strict=True)
+    if optimizer is not None and opt_sd is not None:
+        try:
+            optimizer.load_state_dict(opt_sd)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"{ckpt}: optimizer state does not fit the given optimizer ({exc}); "
+                "build the optimizer exactly as in the saved run or pass optimizer=None"
+            ) from exc
+    if scheduler is not None and sched_sd is not None:
+        scheduler.load_state_dict(sched_sd)
+    if rng is not None:
+        _restore_rng(rng)
+
+    return LoadedCheckpoint(step=int(meta["step"]), state=state, config=config, path=ckpt)
+
+
+def read_checkpoint_config(path: Path | str) -> dict[str, Any]:
+    """Return the config stored in a checkpoint (or a run dir's latest checkpoint).
+
+    Only ``meta.json`` and ``config.json`` are read (config checksum verified), so a
+    CLI can rebuild the model from the saved config before calling
+    :func:`load_checkpoint`.
+
+    Raises:
+        CheckpointError: not a checkpoint, or the config is corrupt.
+    """
+    ckpt = _resolve(Path(path))
+    meta = _read_meta(ckpt)
+    if CONFIG_FILE not in meta["files"]:
+        return {}
+    _verify_file(ckpt, CONFIG_FILE, meta["files"][CONFIG_FILE])
+    return _read_json(ckpt / CONFIG_FILE)
