@@ -14,7 +14,6 @@ import torch.distributed as dist
 import yaml
 
 from reformer.cli import main
-from reformer.distributed import CRASH_ENV
 from reformer.train import config_from_dict, train
 
 STEPS = 20
@@ -35,13 +34,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+CRASH_RUN = str(Path(__file__).with_name("crash_run.py"))
+
+
 def torchrun(
-    args: list[str], nproc: int = 2, max_restarts: int = 0, env: dict[str, str] | None = None
+    args: list[str],
+    nproc: int = 2,
+    max_restarts: int = 0,
+    env: dict[str, str] | None = None,
+    crash_at: int | None = None,
 ) -> subprocess.CompletedProcess:
+    """`reformer ARGS` under torchrun; crash_at: through tests/crash_run.py, whose trainer
+    callback kills rank 1 after that many steps on the first attempt."""
+    target = ["-m", "reformer"] if crash_at is None else [CRASH_RUN, str(crash_at)]
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
         "--master-port", str(_free_port()), "--max-restarts", str(max_restarts),
-        "-m", "reformer", *args,
+        *target, *args,
     ]  # fmt: skip
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=240, env=os.environ | (env or {})
@@ -109,9 +118,9 @@ def test_killed_rank_restarts_and_resumes_from_newest_checkpoint(one_process, tm
     proc = torchrun(
         [*RUN, "--batch-size", str(PER_RANK), "--out", str(out)],
         max_restarts=1,
-        env={CRASH_ENV: "7"},  # rank 1 exits after step 7; the newest checkpoint is step 5
+        crash_at=7,  # rank 1 exits after step 7; the newest checkpoint is step 5
     )
-    assert f"{CRASH_ENV}: rank 1 exits at step 7" in proc.stdout
+    assert "crash callback: rank 1 exits at step 7" in proc.stdout
     assert "from step 5 (step-00000005)" in proc.stdout  # resumed without --resume
     assert_same_curves(one_process(1), out)
 
@@ -137,3 +146,30 @@ def test_fsdp_with_adafactor_is_refused(tmp_path):
             train(cfg, rank=0, world_size=1)
     finally:
         dist.destroy_process_group()
+
+
+def test_translation_two_ranks_train_like_one_process(tmp_path):
+    """Translation runs on the same engine: under torchrun each rank takes its rows of the
+    same token-budget batch, and the curves equal one process's."""
+    from test_translation_cli import write_corpus
+
+    data = write_corpus(tmp_path)
+    args = ["train", "--preset", "multi30k-small", "--data", str(data), "--steps", "8",
+            "--log-every", "1", "--eval-every", "4", "--checkpoint-every", "4",
+            "--model.d-model", "32", "--model.d-ff", "64", "--model.n-heads", "2",
+            "--model.n-layers", "1", "--model.dropout", "0", "--translation.n-enc-layers", "1",
+            "--translation.vocab-size", "60", "--translation.max-tokens", "256",
+            "--translation.bleu-sentences", "4", "--optim.lr", "3e-3",
+            "--optim.warmup-steps", "2", "--no-progress"]  # fmt: skip
+    ref = tmp_path / "one"
+    assert main([*args, "--out", str(ref)]) == 0
+    run = tmp_path / "two"
+    torchrun([*args, "--out", str(run)])
+    (a, a_eval), (b, b_eval) = _records(ref), _records(run)
+    assert sorted(a) == sorted(b) == list(range(1, 9)) and sorted(a_eval) == sorted(b_eval)
+    for s in a:
+        for k in ("loss", "grad_norm", "lr"):
+            assert abs(a[s][k] - b[s][k]) <= 1e-5 * abs(a[s][k]), (s, k, a[s][k], b[s][k])
+    for s in a_eval:
+        assert abs(a_eval[s]["eval_loss"] - b_eval[s]["eval_loss"]) <= 1e-5 * a_eval[s]["eval_loss"]
+    assert a[1]["loss"] - a[8]["loss"] > 0.1, "the reference did not learn: weak test"

@@ -237,7 +237,7 @@ def cmd_plot(argv: list[str]) -> int:
     train_rec = [r for r in records if "loss" in r]
     eval_rec = [r for r in records if any(k.startswith("eval_") for k in r)]
     eval_keys = [k for k in (eval_rec[0] if eval_rec else {}) if k.startswith("eval_")]
-    extra = [k for k in eval_keys if k not in ("eval_loss",)]
+    extra = [k for k in eval_keys if k not in ("eval_loss", "eval_s")]
     fig, axes = plt.subplots(1, 1 + len(extra), figsize=(5 * (1 + len(extra)), 3.6))
     axes = list(axes) if len(extra) else [axes]
     ax = axes[0]

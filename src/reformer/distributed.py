@@ -21,9 +21,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 __all__ = [
-    "CRASH_ENV",
     "LaunchEnv",
-    "LossModule",
     "StateView",
     "all_reduce_sum",
     "barrier",
@@ -32,17 +30,12 @@ __all__ = [
     "is_distributed",
     "load_full_optimizer_state",
     "local_device",
-    "maybe_crash_for_tests",
     "no_grad_sync",
     "process_group",
     "restart_count",
     "torchrun_env",
     "wrap_model",
 ]
-
-CRASH_ENV = "REFORMER_TEST_CRASH_AT_STEP"
-"""Test hook: `os._exit(1)` rank 1 (rank 0 when alone) once it has finished this many
-optimiser steps, on the first torchrun attempt only, to exercise restarts deterministically."""
 
 Parallel = Literal["ddp", "fsdp"]
 
@@ -177,46 +170,23 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def maybe_crash_for_tests(step: int, rank: int, world_size: int) -> None:
-    """The REFORMER_TEST_CRASH_AT_STEP hook (see CRASH_ENV); does nothing unless it is set."""
-    at = os.environ.get(CRASH_ENV)
-    if not at or restart_count() != 0 or step != int(at) or rank != min(1, world_size - 1):
-        return
-    print(f"{CRASH_ENV}: rank {rank} exits at step {step}", flush=True)
-    os._exit(1)
-
-
 # --- model wrappers -----------------------------------------------------------------------------
-class LossModule(nn.Module):
-    """`model.loss` as a module's forward.
+def wrap_model(loss_module: nn.Module, parallel: Parallel, device: torch.device) -> nn.Module:
+    """Wrap `loss_module` (already on `device`, weights final; its forward is the training
+    loss, so that DDP's and FSDP's hooks on `__call__` run: the trainer's `_LossModule`) for
+    data-parallel training.
 
-    DDP and FSDP hook `__call__`/`forward` (DDP prepares its gradient reducer there, FSDP
-    all-gathers the parameters); calling `model.loss(...)` directly on a wrapped model would
-    bypass both. Training therefore calls this module, whose forward is the loss.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: Tensor, targets: Tensor) -> Tensor:
-        return self.model.loss(input_ids, targets)
-
-
-def wrap_model(model: nn.Module, parallel: Parallel, device: torch.device) -> nn.Module:
-    """Wrap `model` (already on `device`, weights final) for data-parallel training.
-
-    ddp: `DistributedDataParallel(LossModule(model))`. The reversible stack's custom
+    ddp: `DistributedDataParallel(loss_module)`. The reversible stack's custom
     backward returns parameter gradients as ordinary outputs, so they reach each parameter's
     AccumulateGrad node and DDP's hooks fire as usual; they all arrive at the end of the
     backward pass, so bucketed all-reduces overlap little with computation.
 
-    fsdp: `fully_shard(LossModule(model))`, one FSDP unit over the whole model. Parameters,
+    fsdp: `fully_shard(loss_module)`, one FSDP unit over the whole model. Parameters,
     gradients and optimiser state are sharded at rest; the forward all-gathers every
     parameter at once because the reversible function calls the blocks' branches directly,
     not through their `forward`, so per-block units would never be gathered.
     """
-    wrapper = LossModule(model)
+    wrapper = loss_module
     world = dist.get_world_size()
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel

@@ -9,24 +9,21 @@ checkpointed, so a resumed run continues exactly as an uninterrupted one.
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from ..checkpoint import (
     CheckpointError,
-    latest_checkpoint,
     load_checkpoint,
     read_checkpoint_config,
     resolve_checkpoint,
-    save_checkpoint,
 )
-from ..run_config import TrainConfig, config_from_dict, config_to_dict
+from ..distributed import all_reduce_sum, barrier
+from ..run_config import TrainConfig, config_from_dict
+from ..training import Recipe, Trainer
 from .data import ParallelData, Tokenizer, bleu, read_parallel, resolve_pair_paths
 from .model import EncDecConfig, ReformerEncDec
 from .search import beam_search, greedy
@@ -150,178 +147,93 @@ def evaluate_translation(
     }
 
 
-def _lr_schedule(cfg: TrainConfig):
-    from ..train import lr_factor
+class TranslationRecipe(Recipe):
+    """Translation with the reversible encoder-decoder: token-budget batches of sentence
+    pairs (`translation.max_tokens` padded tokens for all ranks together), each rank its
+    rows r::world_size of the same global batch; loss per target token."""
 
-    return lambda s: lr_factor(cfg.optim, cfg.steps, s)
+    resume_sections = ("model", "translation")
+
+    def prepare(self, out: Path) -> None:
+        cfg, t = self.cfg, self.cfg.translation
+        train_pairs = _pairs(cfg, "train")
+        val_pairs = _pairs(cfg, "val")
+        spm_path = out / "spm.model"
+        if self.rank == 0 and not spm_path.exists():
+            out.mkdir(parents=True, exist_ok=True)
+            print(
+                f"training a {t.vocab_size}-piece sentencepiece vocabulary on "
+                f"{len(train_pairs)} pairs -> {spm_path}",
+                flush=True,
+            )
+            texts = [s for s, _ in train_pairs] + [x for _, x in train_pairs]
+            Tokenizer.train(texts, t.vocab_size, spm_path, seed=cfg.seed)
+        if self.world_size > 1:
+            barrier()  # rank 0 has written the vocabulary; every rank reads that one
+        self.tok = Tokenizer.load(spm_path)
+        self.data = ParallelData.from_text(train_pairs, self.tok, max_len=t.max_len)
+        self.val_pairs = val_pairs[: t.bleu_sentences] if t.bleu_sentences else val_pairs
+
+    def build_model(self) -> ReformerEncDec:
+        return ReformerEncDec(encdec_config(self.cfg, self.tok.vocab_size)).to(self.device)
+
+    def describe(self, model: torch.nn.Module) -> str:
+        t = self.cfg.translation
+        return (
+            f"{len(self.data)} training pairs ({self.data.dropped} longer than {t.max_len} "
+            f"tokens dropped), {self.data.batches_per_epoch(t.max_tokens)} batches per epoch; "
+            f"{sum(p.numel() for p in model.parameters()):,} parameters"
+        )
+
+    def loss(self, model, src, tgt_in, tgt_out):
+        return model.loss(
+            src, tgt_in, tgt_out, src != self.tok.pad_id,
+            label_smoothing=self.cfg.translation.label_smoothing,
+        )  # fmt: skip
+
+    def micro_batches(self, step: int) -> list[tuple[torch.Tensor, ...]]:
+        cfg, t = self.cfg, self.cfg.translation
+        acc, r, w = cfg.optim.accumulate, self.rank, self.world_size
+        micros = []
+        for k in range(acc):
+            batch = self.data.batch_at(step * acc + k, t.max_tokens, cfg.seed)
+            if batch.src.shape[0] < w:
+                raise ValueError(
+                    f"a batch of translation.max_tokens={t.max_tokens} holds "
+                    f"{batch.src.shape[0]} sentence pairs, fewer than the {w} ranks; raise "
+                    "translation.max_tokens"
+                )
+            rows = slice(r, None, w)
+            micros.append(
+                tuple(x[rows].to(self.device) for x in (batch.src, batch.tgt_in, batch.tgt_out))
+            )
+        # Target tokens of the whole step on all ranks: the loss is their mean.
+        n = sum(int((tgt_out != -100).sum()) for _, _, tgt_out in micros)
+        self._n_total = all_reduce_sum([float(n)], self.device)[0] if w > 1 else float(n)
+        self._tokens = sum(int((src != self.tok.pad_id).sum()) for src, _, _ in micros) + n
+        return micros
+
+    def micro_loss(self, output, micros) -> torch.Tensor:
+        loss_sum, _ = output
+        # Summed over micro-batches and averaged over ranks (as DDP averages gradients):
+        # the step's loss per target token.
+        return loss_sum * (self.world_size / self._n_total)
+
+    def tokens(self, micros) -> int:
+        return self._tokens * self.world_size
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        t = self.cfg.translation
+        res = evaluate_translation(
+            model, self.tok, self.val_pairs, beam=t.eval_beam, alpha=t.length_penalty,
+            device=self.device,
+        )  # fmt: skip
+        return {"loss": res["loss"], "bleu": res["bleu"]}
 
 
 def train_translation(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
-    """Train (or resume) a translation run in one process; returns the last evaluation."""
-    from ..train import (
-        MetricsLog,
-        TrainingDiverged,
-        _out_of_time,
-        atomic_write_text,
-        autocast_for,
-        build_optimizer,
-        resolve_device,
-    )
-
-    if world_size > 1:
-        raise ValueError(
-            "task 'translation' trains in one process; multi-process (torchrun) translation "
-            "is not supported yet: run `reformer train` without torchrun"
-        )
-    t = cfg.translation
-    out = Path(cfg.out)
-    device = resolve_device(cfg.device)
-    ckpt = latest_checkpoint(out) if out.exists() else None
-    if ckpt is not None and not cfg.resume:
-        raise ValueError(
-            f"{out} already holds a run (checkpoint {ckpt.name}); pass --resume to continue it "
-            "or choose another --out"
-        )
-    train_pairs = _pairs(cfg, "train")
-    val_pairs = _pairs(cfg, "val")
-    out.mkdir(parents=True, exist_ok=True)
-    spm_path = out / "spm.model"
-    if spm_path.exists():
-        tok = Tokenizer.load(spm_path)
-    else:
-        print(
-            f"training a {t.vocab_size}-piece sentencepiece vocabulary on "
-            f"{len(train_pairs)} pairs -> {spm_path}",
-            flush=True,
-        )
-        texts = [s for s, _ in train_pairs] + [x for _, x in train_pairs]
-        tok = Tokenizer.train(texts, t.vocab_size, spm_path, seed=cfg.seed)
-    data = ParallelData.from_text(train_pairs, tok, max_len=t.max_len)
-    if t.bleu_sentences:
-        val_pairs = val_pairs[: t.bleu_sentences]
-
-    torch.manual_seed(cfg.seed)
-    model = ReformerEncDec(encdec_config(cfg, tok.vocab_size)).to(device)
-    opt = build_optimizer(model, cfg.optim)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_schedule(cfg))
-    metrics = MetricsLog(out / "metrics.jsonl", out / "tensorboard" if cfg.tensorboard else None)
-    resolved = config_to_dict(cfg)
-    start = 0
-    if ckpt is not None:
-        saved = read_checkpoint_config(ckpt)
-        for section in ("model", "translation"):
-            if saved.get(section) != resolved[section]:
-                raise ValueError(
-                    f"--resume: {ckpt} was trained with a different {section} config; resume "
-                    "with the run's own config (DIR/config.yaml) or start a new --out"
-                )
-        start = load_checkpoint(ckpt, model, opt, sched).step
-        metrics.truncate_after(start)
-        print(f"resuming {out} from step {start} ({ckpt.name})", flush=True)
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
-    print(
-        f"{len(data)} training pairs ({data.dropped} longer than {t.max_len} tokens dropped), "
-        f"{data.batches_per_epoch(t.max_tokens)} batches per epoch; "
-        f"{sum(p.numel() for p in model.parameters()):,} parameters",
-        flush=True,
-    )
-
-    bar = None
-    if cfg.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-    t_start = t_log = time.perf_counter()
-    tokens_since, loss_since, n_since = 0, 0.0, 0
-    last_eval: dict[str, Any] = {}
-    step = start
-    model.train()
-    while step < cfg.steps:
-        loss_value = 0.0
-        n_total = 0
-        micro = [
-            data.batch_at(step * cfg.optim.accumulate + k, t.max_tokens, cfg.seed)
-            for k in range(cfg.optim.accumulate)
-        ]
-        n_total = sum(int((b.tgt_out != -100).sum()) for b in micro)
-        for batch in micro:
-            batch = batch.to(device)
-            with autocast_for(device, cfg.precision):
-                loss, n = model.loss(
-                    batch.src,
-                    batch.tgt_in,
-                    batch.tgt_out,
-                    batch.src_mask,
-                    label_smoothing=t.label_smoothing,
-                )
-            (loss / n_total).backward()
-            loss_value += float(loss.detach())
-            tokens_since += int(batch.src_mask.sum()) + n
-        if not math.isfinite(loss_value):
-            raise TrainingDiverged(
-                f"loss is {loss_value} at step {step + 1}; stopped. The last good checkpoint "
-                f"in {out / 'checkpoints'} is kept: lower --optim.lr, then --resume"
-            )
-        grad_norm = None
-        if cfg.optim.clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip))
-        lr = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        loss_since, n_since = loss_since + loss_value, n_since + n_total
-        if bar is not None:
-            bar.update(1)
-        last = step == cfg.steps
-        out_of_time = _out_of_time(cfg, t_start)
-        if cfg.log_every and (step % cfg.log_every == 0 or last or out_of_time):
-            now = time.perf_counter()
-            rec = {
-                "step": step,
-                "loss": loss_since / max(n_since, 1),
-                "lr": lr,
-                "tokens_per_s": tokens_since / max(now - t_log, 1e-9),
-            }
-            if grad_norm is not None:
-                rec["grad_norm"] = grad_norm
-            rec["elapsed_s"] = now - t_start
-            metrics.write(rec)
-            t_log, tokens_since, loss_since, n_since = now, 0, 0.0, 0
-            if bar is not None:
-                bar.set_postfix(loss=f"{rec['loss']:.3f}")
-        if cfg.eval_every and (step % cfg.eval_every == 0 or last or out_of_time):
-            t_eval = time.perf_counter()
-            res = evaluate_translation(
-                model, tok, val_pairs, beam=t.eval_beam, alpha=t.length_penalty, device=device
-            )
-            last_eval = {"loss": res["loss"], "bleu": res["bleu"]}
-            metrics.write(
-                {
-                    "step": step,
-                    "eval_loss": res["loss"],
-                    "eval_bleu": res["bleu"],
-                    "eval_s": time.perf_counter() - t_eval,
-                }
-            )
-            msg = f"step {step}: val loss {res['loss']:.4f}, BLEU {res['bleu']:.2f}"
-            bar.write(msg) if bar is not None else print(msg, flush=True)
-        if step % cfg.checkpoint_every == 0 or last or out_of_time:
-            save_checkpoint(
-                out,
-                step,
-                model,
-                opt,
-                sched,
-                state={"step": step},
-                config=resolved,
-                keep=cfg.keep_checkpoints,
-            )
-        if out_of_time:
-            break
-    if bar is not None:
-        bar.close()
-    return last_eval
+    """Train (or resume) a translation run; returns the last evaluation."""
+    return Trainer(cfg, TranslationRecipe, rank, world_size).run()
 
 
 @dataclass
