@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from reformer.data import DataFileNotFoundError
+from reformer.translation.batches import ParallelData
 from reformer.translation.data import (
-    ParallelData,
     Tokenizer,
     bleu,
     read_lines,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,10 @@ from torch import Tensor
 
 from .attention import Attention, hash_vectors
 from .attention.common import SELF_SCORE
-from .model import ReformerLM, make_generator
+from .seeding import seeded_generator as make_generator
+
+if TYPE_CHECKING:
+    from .model import ReformerLM
 
 
 @dataclass

@@ -16,20 +16,8 @@ from .config import ReformerConfig
 from .embeddings import AbsolutePositionalEmbedding, AxialPositionalEmbedding
 from .feedforward import FeedForward, apply_chunked, chunk_slices, chunked_cross_entropy
 from .reversible import reversible_forward
-
-
-def make_generator(seed: int, device: torch.device) -> torch.Generator:
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return gen
-
-
-def dropout_mask(
-    shape: torch.Size, p: float, generator: torch.Generator, device: torch.device, dtype
-) -> Tensor:
-    """Inverted-dropout multiplier drawn from an explicit generator (replayable)."""
-    keep = torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=generator)
-    return keep / (1.0 - p)
+from .seeding import dropout_mask
+from .seeding import seeded_generator as make_generator
 
 
 class ReformerBlock(nn.Module):

@@ -15,8 +15,9 @@ from torch import Tensor, nn
 from ..config import ReformerConfig
 from .common import pad_to, padded_length, unit_keys
 from .full import full_attention
+from .hashing import auto_n_buckets, bucket_factors, draw_rotations, hash_vectors
 from .local import local_attention
-from .lsh import auto_n_buckets, bucket_factors, draw_rotations, hash_vectors, lsh_attention
+from .lsh import lsh_attention
 
 __all__ = [
     "Attention",

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..seeding import seeded_generator
+
 IGNORE_INDEX = -100
 """Target value for positions that carry no loss (the default ``ignore_index`` of
 ``torch.nn.functional.cross_entropy``)."""
@@ -34,9 +36,7 @@ def derive_seed(seed: int, stream: str, step: int) -> int:
 
 def make_generator(seed: int, stream: str, step: int) -> torch.Generator:
     """A CPU ``torch.Generator`` seeded with :func:`derive_seed`."""
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(derive_seed(seed, stream, step))
-    return gen
+    return seeded_generator(derive_seed(seed, stream, step))
 
 
 def check_positive(name: str, value: int) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 from torch import Tensor
 
 from ..attention.common import padded_length
-from ..attention.lsh import auto_n_buckets, bucket_factors
+from ..attention.hashing import auto_n_buckets, bucket_factors
 from ..config import ReformerConfig
 
 

@@ -27,8 +27,10 @@ from ..attention import Attention
 from ..config import ReformerConfig
 from ..embeddings import AbsolutePositionalEmbedding
 from ..feedforward import FeedForward
-from ..model import ReformerBlock, dropout_mask, make_generator
+from ..model import ReformerBlock
 from ..reversible import Branch, reversible_chain
+from ..seeding import dropout_mask
+from ..seeding import seeded_generator as make_generator
 
 IGNORE_INDEX = -100
 

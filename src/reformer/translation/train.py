@@ -24,7 +24,8 @@ from ..checkpoint import (
 from ..distributed import all_reduce_sum, barrier
 from ..run_config import TrainConfig, config_from_dict
 from ..training import Recipe, Trainer
-from .data import ParallelData, Tokenizer, bleu, read_parallel, resolve_pair_paths
+from .batches import ParallelData
+from .data import Tokenizer, bleu, read_parallel, resolve_pair_paths
 from .model import EncDecConfig, ReformerEncDec
 from .search import beam_search, greedy
 
