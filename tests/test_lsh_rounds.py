@@ -6,20 +6,9 @@ import torch
 
 from reformer.attention.lsh import draw_rotations, hash_vectors, lsh_attention
 from reformer.attention.reference import hash_reference, lsh_rounds_reference
+from test_lsh import _inputs
 
 F64 = torch.float64
-
-
-def _inputs(B, H, L, D, padded):
-    qk = torch.randn(B, H, L, D, dtype=F64, requires_grad=True)
-    v = torch.randn(B, H, L, D, dtype=F64, requires_grad=True)
-    mask = None
-    if padded:
-        mask = torch.ones(B, L, dtype=torch.bool)
-        mask[1, :3] = False
-        mask[0, -4:] = False
-        mask[1, L // 2] = False
-    return qk, v, mask
 
 
 def _compare(qk, v, mask, rotations, *, wrap, causal, key_norm="l2", chunk_len=4, **kw):

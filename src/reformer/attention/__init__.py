@@ -98,23 +98,14 @@ class Attention(nn.Module):
     def draw_rotations(
         self, length: int, generator: torch.Generator | None, device: torch.device, dtype
     ) -> tuple[Tensor, ...]:
+        # Drawn in float32 whatever the model's dtype, so a float64 copy of a model hashes
+        # with the same rotations (upcast) as the float32 original; with transformers'
+        # hash_seed: the same rotations on every call and in every layer, drawn in the
+        # vectors' own dtype from a generator seeded afresh, as transformers draws them.
+        draw_dtype = torch.float32
         if self.hash_seed is not None:
-            # transformers' hash_seed: the same rotations on every call and in every layer,
-            # drawn in the vectors' dtype from a generator seeded afresh.
             generator = torch.Generator(device=device).manual_seed(self.hash_seed)
             draw_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-            return draw_rotations(
-                self.n_heads,
-                self.head_dim,
-                self.n_hashes,
-                self.buckets_for(length),
-                generator=generator,
-                device=device,
-                dtype=draw_dtype,
-                factors=self.bucket_factors,
-            )
-        # Drawn in float32 whatever the model's dtype, so a float64 copy of a model hashes
-        # with the same rotations (upcast) as the float32 original.
         rotations = draw_rotations(
             self.n_heads,
             self.head_dim,
@@ -122,12 +113,10 @@ class Attention(nn.Module):
             self.buckets_for(length),
             generator=generator,
             device=device,
-            dtype=torch.float32,
+            dtype=draw_dtype,
             factors=self.bucket_factors,
         )
-        return (
-            tuple(r.to(torch.float64) for r in rotations) if dtype == torch.float64 else rotations
-        )
+        return tuple(r.to(dtype) for r in rotations) if dtype == torch.float64 else rotations
 
     def forward(
         self,

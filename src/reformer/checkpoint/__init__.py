@@ -62,6 +62,7 @@ from .codec import (
     _read_structured,
     _read_tensors,
     _write_tensors,
+    check_saved_class,
     file_mode,
     save_tensors,
 )
@@ -292,13 +293,7 @@ def load_checkpoint(
         sched_sd = _read_structured(
             ckpt, meta, SCHEDULER_JSON_FILE, SCHEDULER_TENSORS_FILE, "cpu", "scheduler"
         )
-        saved_cls = meta.get("scheduler_class")
-        if saved_cls != type(scheduler).__qualname__:
-            raise CheckpointError(
-                f"{ckpt}: scheduler mismatch: checkpoint holds {saved_cls} state but a "
-                f"{type(scheduler).__qualname__} was given; pass the same scheduler class "
-                "or scheduler=None to skip restoring it"
-            )
+        check_saved_class(ckpt, meta, "scheduler", scheduler, "to skip restoring it")
 
     rng: dict[str, Any] | None = None
     if restore_rng and RNG_JSON_FILE in meta["files"]:

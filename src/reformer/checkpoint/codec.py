@@ -4,7 +4,6 @@ checks that saved tensors fit the objects they are loaded into."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -15,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .store import _HASH_CHUNK, OPTIMIZER_JSON_FILE, CheckpointError
+from .store import OPTIMIZER_JSON_FILE, CheckpointError, _sha256_file
 
 _TENSOR_TAG = "__tensor__"
 _TUPLE_TAG = "__tuple__"
@@ -41,14 +40,10 @@ def save_tensors(path: Path | str, tensors: dict[str, torch.Tensor]) -> None:
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Save tensors with safetensors, fsync, and return the manifest entry."""
     save_tensors(path, _standalone(tensors))
-    digest = hashlib.sha256()
-    size = 0
     with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
         os.fsync(f.fileno())
-    return {"sha256": digest.hexdigest(), "size": size}
+    digest, size = _sha256_file(path)
+    return {"sha256": digest, "size": size}
 
 
 def _json_bytes(obj: Any, what: str) -> bytes:
@@ -238,16 +233,22 @@ def _few(items: list[str], n: int = 5) -> str:
     return f"[{shown}{more}]"
 
 
+def check_saved_class(ckpt: Path, meta: Mapping[str, Any], what: str, obj: Any, skip: str) -> None:
+    """The optimizer or scheduler given is of the class the checkpoint saved, or a
+    CheckpointError saying what to pass instead."""
+    saved_cls = meta.get(f"{what}_class")
+    if saved_cls != type(obj).__qualname__:
+        raise CheckpointError(
+            f"{ckpt}: {what} mismatch: checkpoint holds {saved_cls} state but a "
+            f"{type(obj).__qualname__} was given; pass the same {what} class or {what}=None "
+            f"{skip}"
+        )
+
+
 def _check_optimizer_compat(
     ckpt: Path, meta: Mapping[str, Any], optimizer: torch.optim.Optimizer, saved: Mapping
 ) -> None:
-    saved_cls = meta.get("optimizer_class")
-    if saved_cls != type(optimizer).__qualname__:
-        raise CheckpointError(
-            f"{ckpt}: optimizer mismatch: checkpoint holds {saved_cls} state but a "
-            f"{type(optimizer).__qualname__} was given; pass the same optimizer class or "
-            "optimizer=None to load only the weights"
-        )
+    check_saved_class(ckpt, meta, "optimizer", optimizer, "to load only the weights")
     groups = saved.get("param_groups")
     if not isinstance(groups, list) or not isinstance(saved.get("state"), dict):
         raise CheckpointError(
