@@ -3,15 +3,18 @@
     Y1 = X1 + F(X2)        F: pre-normalised attention (+ dropout)
     Y2 = X2 + G(Y1)        G: pre-normalised chunked feed-forward (+ dropout)
 
-`ReversibleFunction` runs every block forward without storing activations and, in the
-backward pass, rebuilds each block's inputs from its outputs (X2 = Y2 - G(Y1),
+One engine, `reversible_chain`: a chain of half-residual steps (x1 += f0(x2), x2 += f1(x1),
+...) in one autograd function that runs them forward without storing activations and, in
+the backward pass, rebuilds each step's input from its output (X2 = Y2 - G(Y1),
 X1 = Y1 - F(X2)) while back-propagating through it, so activation memory does not grow with
-depth. Randomness replays exactly: each block's F and G draw everything random (hash
-rotations, dropout masks) from a generator seeded by a per-call seed saved in the autograd
-context, never from re-seeding the global RNG. Parameter gradients are returned from
-`backward` as ordinary outputs, so gradient hooks (DDP) see them as usual.
+depth. The language model's stack (`reversible_forward`: attention, feed-forward per block)
+and the encoder-decoder's (self-attention, cross-attention, feed-forward) are both chains.
+Randomness replays exactly: each step draws everything random (hash rotations, dropout
+masks) from a generator seeded by a per-call seed saved in the autograd context, never from
+re-seeding the global RNG. Parameter gradients are returned from `backward` as ordinary
+outputs, so gradient hooks (DDP) see them as usual.
 
-Blocks must provide: `attn_branch(x, attention_mask, seed)`, `ff_branch(x, seed)`,
+LM blocks provide: `attn_branch(x, attention_mask, seed)`, `ff_branch(x, seed)`,
 `ff_branch_vjp(x, grad, seed) -> (G(x), x_grad, param_grads)`, `attn_params()`,
 `ff_params()`.
 """
@@ -38,68 +41,24 @@ def reversible_forward(
     seeds: Seeds,
     custom_backward: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """Run the reversible stack: (B, L, d) x2 -> (B, L, d) x2.
+    """The LM's reversible stack: (B, L, d) x2 -> (B, L, d) x2, each block two steps of
+    `reversible_chain` (attention, then the chunked feed-forward with its own chunked vjp).
 
     custom_backward=False computes the same forward under plain autograd (storing every
     activation): the reference the tests compare the custom backward against.
     """
-    params = [p for b in blocks for p in _trainable(b.attn_params() + b.ff_params())]
-    needs_grad = torch.is_grad_enabled() and (x1.requires_grad or x2.requires_grad or params)
-    if custom_backward and needs_grad:
-        return ReversibleFunction.apply(x1, x2, attention_mask, blocks, seeds, *params)
-    for block, (seed_f, seed_g) in zip(blocks, seeds):
-        x1 = x1 + block.attn_branch(x2, attention_mask, seed_f)
-        x2 = x2 + block.ff_branch(x1, seed_g)
-    return x1, x2
-
-
-class ReversibleFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x1, x2, attention_mask, blocks, seeds, *params):
-        with torch.no_grad():
-            for block, (seed_f, seed_g) in zip(blocks, seeds):
-                x1 = x1 + block.attn_branch(x2, attention_mask, seed_f)
-                x2 = x2 + block.ff_branch(x1, seed_g)
-        device_type = x1.device.type
-        ctx.autocast = (
-            device_type,
-            torch.is_autocast_enabled(device_type),
-            torch.get_autocast_dtype(device_type),
-        )
-        ctx.blocks, ctx.seeds, ctx.attention_mask = blocks, seeds, attention_mask
-        ctx.save_for_backward(x1.detach(), x2.detach())
-        return x1, x2
-
-    @staticmethod
-    def backward(ctx, dy1, dy2):
-        y1, y2 = ctx.saved_tensors
-        device_type, autocast_on, autocast_dtype = ctx.autocast
-        grads_per_block = []
-        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
-            for block, (seed_f, seed_g) in zip(reversed(ctx.blocks), reversed(ctx.seeds)):
-                # G: X2 = Y2 - G(Y1); dL/dY1 += (dG/dY1)^T dL/dY2.
-                g, dy1_g, grads_g = block.ff_branch_vjp(y1, dy2, seed_g)
-                x2 = y2 = y2 - g
-                dy1 = dy1 + dy1_g
-                # Freed before the attention branch is recomputed, where the step peaks: the
-                # old Y2 (but the first, which ctx holds), G(Y1) and its gradient are three
-                # fewer (B, L, d_model) tensors alive there.
-                del g, dy1_g
-                # F: X1 = Y1 - F(X2); dL/dX2 = dL/dY2 + (dF/dX2)^T dL/dY1.
-                params_f = _trainable(block.attn_params())
-                with torch.enable_grad():
-                    x2_ = x2.detach().requires_grad_(True)
-                    f = block.attn_branch(x2_, ctx.attention_mask, seed_f)
-                    dx2_f, *grads_f = torch.autograd.grad(
-                        f, [x2_, *params_f], dy1, allow_unused=True
-                    )
-                x1 = y1 - f.detach()
-                dy2 = dy2 + dx2_f
-                y1, y2 = x1, x2
-                grads_per_block.append(list(grads_f) + list(grads_g))
-                del f, x2_
-        param_grads = [g for grads in reversed(grads_per_block) for g in grads]
-        return (dy1, dy2, None, None, None, *param_grads)
+    branches: list[Branch] = []
+    for block in blocks:
+        branches.append(
+            Branch(lambda x, _, seed, b=block: b.attn_branch(x, attention_mask, seed),
+                   block.attn_params())
+        )  # fmt: skip
+        branches.append(
+            Branch(lambda x, _, seed, b=block: b.ff_branch(x, seed), block.ff_params(),
+                   vjp=block.ff_branch_vjp)
+        )  # fmt: skip
+    flat_seeds = [seed for pair in seeds for seed in pair]
+    return reversible_chain(branches, x1, x2, None, flat_seeds, custom_backward=custom_backward)
 
 
 # --- a general chain of half-residual steps (encoder-decoder stacks) ---------------------------
@@ -107,13 +66,19 @@ class Branch:
     """One half-residual step of `reversible_chain`: `fn(x, context, seed) -> (B, L, d)` and
     the trainable parameters it uses. `context` is the chain's extra input (the encoder output
     for a decoder's cross-attention; None for an encoder) and `seed` seeds every random draw
-    (dropout), so the backward pass replays it exactly."""
+    (hash rotations, dropout), so the backward pass replays it exactly.
 
-    __slots__ = ("fn", "params")
+    vjp: optional `vjp(x, grad, seed) -> (fn(x), x's gradient, the params' gradients)` that
+    the backward pass uses instead of autograd through `fn` (the chunked feed-forward's: one
+    chunk's d_ff intermediate alive at a time, no recomputation inside checkpoints); only
+    for a branch that does not read the context."""
 
-    def __init__(self, fn, params: list[nn.Parameter]) -> None:
+    __slots__ = ("fn", "params", "vjp")
+
+    def __init__(self, fn, params: list[nn.Parameter], vjp=None) -> None:
         self.fn = fn
         self.params = _trainable(params)
+        self.vjp = vjp
 
 
 def reversible_chain(
@@ -186,17 +151,21 @@ class _ChainFunction(torch.autograd.Function):
                 # Step i updated `a` from `b`: a_out = a_in + f(b). Rebuild a_in = a_out - f(b);
                 # dL/da_in = dL/da_out, dL/db += (df/db)^T dL/da_out.
                 b, da = (y2, dy1) if i % 2 == 0 else (y1, dy2)
-                with torch.enable_grad():
-                    b_ = b.detach().requires_grad_(True)
-                    c_ = context.detach().requires_grad_(need_context) if has_context else None
-                    f = branch.fn(b_, c_, seed)
-                    inputs = [b_, *([c_] if need_context else []), *branch.params]
-                    grads = list(torch.autograd.grad(f, inputs, da, allow_unused=True))
-                db = grads.pop(0)
-                if need_context:
-                    dc = grads.pop(0)
-                    if dc is not None:
-                        d_context = d_context + dc
+                if branch.vjp is not None:
+                    f, db, grads = branch.vjp(b, da, seed)
+                else:
+                    with torch.enable_grad():
+                        b_ = b.detach().requires_grad_(True)
+                        c_ = context.detach().requires_grad_(need_context) if has_context else None
+                        f = branch.fn(b_, c_, seed)
+                        inputs = [b_, *([c_] if need_context else []), *branch.params]
+                        grads = list(torch.autograd.grad(f, inputs, da, allow_unused=True))
+                    del b_
+                    db = grads.pop(0)
+                    if need_context:
+                        dc = grads.pop(0)
+                        if dc is not None:
+                            d_context = d_context + dc
                 if i % 2 == 0:
                     y1 = y1 - f.detach()
                     dy2 = dy2 + db
@@ -204,6 +173,9 @@ class _ChainFunction(torch.autograd.Function):
                     y2 = y2 - f.detach()
                     dy1 = dy1 + db
                 grads_per_branch.append(grads)
-                del f, b_
+                # Freed before the next step is recomputed, where the pass peaks: the step's
+                # output, its input gradient and the old half are (B, L, d) tensors that
+                # would otherwise stay alive there.
+                del f, db, b, da
         param_grads = [g for grads in reversed(grads_per_branch) for g in grads]
         return (dy1, dy2, d_context, None, None, None, *param_grads)
