@@ -18,9 +18,9 @@ count rounds, a log-sum-exp combination of rounds and gradients scattered back w
 index_add_. Local attention's windows are fixed positions, so its rows are plain views of
 the projections (no gather, no scatter), with separate queries and keys scaled by
 1/sqrt(D). Run through the LSH core, local attention would pay an identity "sort", R = 1
-gathers and scatters of every q, k, v row, and the round combination, for nothing;
-measured at 16K with 4 heads that would roughly double its time. The two share the slicing
-(`row_slices`), the score constants and the code scheme instead.
+gathers and scatters of every q, k, v row (extra memory passes the size of its inputs), and
+the round combination, for nothing. The two share the slicing (`row_slices`), the score
+constants and the code scheme instead.
 """
 
 from __future__ import annotations
