@@ -6,11 +6,14 @@ Legend: B batch, L length, d d_model, V vocab size, W width of the final hidden 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import Attention
+from .attention.cache import LayerCache
 from .attention.common import upcast
 from .config import ReformerConfig
 from .embeddings import AbsolutePositionalEmbedding, AxialPositionalEmbedding
@@ -18,6 +21,51 @@ from .feedforward import FeedForward, apply_chunked, chunk_slices, chunked_cross
 from .reversible import reversible_forward
 from .seeding import dropout_mask
 from .seeding import seeded_generator as make_generator
+
+
+@dataclass(frozen=True)
+class ForwardSeeds:
+    """Every random draw of one forward call: (attention, feed-forward) seeds per block and
+    the embedding dropout's. A reversible backward pass and a decoder replay them."""
+
+    layers: list[tuple[int, int]]
+    embedding: int
+
+    @classmethod
+    def draw(cls, n_layers: int) -> ForwardSeeds:
+        """From torch's global RNG, so `torch.manual_seed(s)` before a call reproduces it."""
+        draws = torch.randint(0, 2**62, (n_layers, 2))
+        embedding = int(torch.randint(0, 2**62, ()))
+        return cls([(int(a), int(b)) for a, b in draws.tolist()], embedding)
+
+
+@dataclass
+class DecodeCache:
+    """State of an incremental decode; `ReformerLM.decode` creates it (cache=None)."""
+
+    total_len: int
+    seeds: ForwardSeeds
+    layers: list[LayerCache]
+    length: int = 0
+    batch: int | None = None
+
+
+def not_decodable(config: ReformerConfig | nn.Module) -> str | None:
+    """Why a cache cannot reproduce the full forward of a model (or of its config), or None."""
+    config = getattr(config, "config", config)
+    if not config.causal:
+        return "decode needs a causal model (config.causal=True)"
+    if "lsh" in config.layer_kinds and config.resolved_lsh_mode != "window":
+        return (
+            "decode needs lsh_mode='window': in 'chunk' mode future tokens move earlier "
+            "tokens' chunks, so no cache can reproduce the full forward"
+        )
+    if "lsh" in config.layer_kinds and not config.lsh_dedup:
+        return (
+            "decode needs lsh_dedup=True: the cache attends to the union of the rounds' "
+            "candidates, which is the full forward only with the duplicate correction"
+        )
+    return None
 
 
 class ReformerBlock(nn.Module):
@@ -43,11 +91,19 @@ class ReformerBlock(nn.Module):
             return None
         return dropout_mask(x.shape, self.dropout, gen, x.device, x.dtype)
 
-    def attn_branch(self, x: Tensor, attention_mask: Tensor | None, seed: int) -> Tensor:
+    def attn_branch(
+        self,
+        x: Tensor,
+        attention_mask: Tensor | None,
+        seed: int,
+        cache: LayerCache | None = None,
+        pos: int = 0,
+    ) -> Tensor:
         """F(x) = dropout(attention(norm(x))): (B, L, d) -> (B, L, d). Random draws (hash
-        rotations first, then the dropout mask) come from a generator seeded with `seed`."""
+        rotations first, then the dropout mask) come from a generator seeded with `seed`.
+        cache, pos: decoding (`Attention.forward`)."""
         gen = make_generator(seed, x.device)
-        out = self.attn(self.attn_norm(x), attention_mask, gen)
+        out = self.attn(self.attn_norm(x), attention_mask, gen, cache=cache, pos=pos)
         mask = self._mask(out, gen)
         return out if mask is None else out * mask
 
@@ -203,8 +259,7 @@ class ReformerLM(nn.Module):
     def layer_seeds(self) -> list[tuple[int, int]]:
         """Per-call seeds of each block's F and G, drawn from torch's global RNG (so
         `torch.manual_seed(s)` before a call makes the call reproducible)."""
-        draws = torch.randint(0, 2**62, (len(self.blocks), 2))
-        return [(int(a), int(b)) for a, b in draws.tolist()]
+        return ForwardSeeds.draw(len(self.blocks)).layers
 
     def embed(self, input_ids: Tensor, offset: int = 0) -> Tensor:
         """Token plus positional embeddings of ids at positions offset.. : (B, L) -> (B, L, d)."""
@@ -213,35 +268,85 @@ class ReformerLM(nn.Module):
             x = x + self.pos_emb(input_ids.shape[1], offset=offset).to(x.dtype)
         return x
 
-    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Final hidden states before the output norm: (B, L) -> (B, L, W)."""
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        seeds: ForwardSeeds | None = None,
+        cache: DecodeCache | None = None,
+    ) -> Tensor:
+        """Final hidden states before the output norm: (B, L) -> (B, L, W).
+
+        seeds: every random draw of the call (default: drawn from torch's global RNG).
+        cache: decoding (`decode`): the tokens sit at positions cache.length.., attention goes
+        through the per-layer caches, and the seeds are the cache's. One forward either way.
+        """
         self._check_ids(input_ids)
         self._check_mask(attention_mask, input_ids)
-        seeds = self.layer_seeds()
-        emb_seed = int(torch.randint(0, 2**62, ()))
-        x = self.embed(input_ids)  # (B, L, d)
+        pos = 0 if cache is None else cache.length
+        if cache is not None:
+            seeds = cache.seeds
+        seeds = seeds or ForwardSeeds.draw(len(self.blocks))
+        caches = [None] * len(self.blocks) if cache is None else cache.layers
+        x = self.embed(input_ids, offset=pos)  # (B, L, d)
         if self.training and self.config.dropout > 0:
-            gen = make_generator(emb_seed, x.device)
+            gen = make_generator(seeds.embedding, x.device)
             x = x * dropout_mask(x.shape, self.config.dropout, gen, x.device, x.dtype)
         if self.config.reversible:
             y1, y2 = reversible_forward(
-                self.blocks, x, x, attention_mask, seeds, custom_backward=self.custom_backward
-            )
+                self.blocks, x, x, attention_mask, seeds.layers,
+                custom_backward=self.custom_backward, caches=caches, pos=pos,
+            )  # fmt: skip
             return torch.cat([y1, y2], dim=-1)  # (B, L, 2d)
-        for block, (seed_f, seed_g) in zip(self.blocks, seeds):
-            x = x + block.attn_branch(x, attention_mask, seed_f)
+        for block, (seed_f, seed_g), lc in zip(self.blocks, seeds.layers, caches):
+            x = x + block.attn_branch(x, attention_mask, seed_f, lc, pos)
             x = x + block.ff_branch(x, seed_g)
         return x
 
-    def decode(self, input_ids: Tensor, cache=None, total_len: int | None = None):
+    @torch.no_grad()
+    def decode(
+        self, input_ids: Tensor, cache: DecodeCache | None = None, total_len: int | None = None
+    ) -> tuple[Tensor, DecodeCache]:
         """Cached incremental decoding: `logits, cache = model.decode(ids, cache)`.
 
-        Returns the logits (B, T, V) of the new tokens and the updated cache; they equal the
-        full forward's (see `reformer.generate.decode`, which documents the contract).
+        Returns the logits (B, T, V) of the new tokens `input_ids` and the updated cache.
+        With cache=None a cache is created for sequences of `total_len` tokens (default:
+        max_seq_len), with the seeds of one full forward drawn from torch's global RNG (so
+        `torch.manual_seed(s)` before both makes them hash alike), and the logits equal those
+        of `model(full_ids)` for full_ids of length total_len. The first call runs the prompt
+        through the forward, filling the cache; later calls decode one token at a time, the
+        same forward through the cache. Models must be causal, with lsh_mode='window' and the
+        duplicate correction; call in eval mode (no dropout), without padding.
         """
-        from .generate import decode
-
-        return decode(self, input_ids, cache, total_len=total_len)
+        reason = not_decodable(self.config)
+        if reason is not None:
+            raise ValueError(reason)
+        self._check_ids(input_ids)
+        B, T = input_ids.shape
+        if cache is None:
+            total = total_len or self.config.max_seq_len
+            if not 1 <= total <= self.config.max_seq_len:
+                raise ValueError(
+                    f"total_len={total} must be in 1..max_seq_len={self.config.max_seq_len}"
+                )
+            seeds = ForwardSeeds.draw(len(self.blocks))
+            cache = DecodeCache(total, seeds, [LayerCache(total) for _ in self.blocks])
+        if cache.length + T > cache.total_len:
+            raise ValueError(
+                f"decoding {T} more tokens would exceed the cache's total_len="
+                f"{cache.total_len} (at {cache.length}); create the cache with a larger total_len"
+            )
+        if cache.batch is not None and cache.batch != B:
+            raise ValueError(f"batch size {B} differs from the cache's {cache.batch}")
+        cache.batch = B
+        # The prompt in one forward; every later token on its own (its position's output).
+        steps = [input_ids] if cache.length == 0 else input_ids.split(1, dim=1)
+        outs = []
+        for ids in steps:
+            outs.append(self.logits_from_hidden(self.hidden_states(ids, cache=cache)))
+            cache.length += ids.shape[1]
+        return torch.cat(outs, dim=1), cache
 
     def logits_from_hidden(self, hidden: Tensor) -> Tensor:
         """(B, l, W) -> (B, l, V)."""

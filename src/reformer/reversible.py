@@ -40,17 +40,21 @@ def reversible_forward(
     attention_mask: Tensor | None,
     seeds: Seeds,
     custom_backward: bool = True,
+    caches: Sequence | None = None,
+    pos: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """The LM's reversible stack: (B, L, d) x2 -> (B, L, d) x2, each block two steps of
     `reversible_chain` (attention, then the chunked feed-forward with its own chunked vjp).
 
     custom_backward=False computes the same forward under plain autograd (storing every
-    activation): the reference the tests compare the custom backward against.
+    activation): the reference the tests compare the custom backward against. caches, pos:
+    decoding (no gradients): each block's attention goes through its cache.
     """
+    caches = [None] * len(blocks) if caches is None else caches
     branches: list[Branch] = []
-    for block in blocks:
+    for block, lc in zip(blocks, caches):
         branches.append(
-            Branch(lambda x, _, seed, b=block: b.attn_branch(x, attention_mask, seed),
+            Branch(lambda x, _, seed, b=block, c=lc: b.attn_branch(x, attention_mask, seed, c, pos),
                    block.attn_params())
         )  # fmt: skip
         branches.append(

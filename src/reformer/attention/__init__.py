@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ReformerConfig
+from .cache import LayerCache, attend_one, fill
 from .common import pad_to, padded_length, unit_keys
 from .full import full_attention
 from .hashing import auto_n_buckets, bucket_factors, draw_rotations, hash_vectors
@@ -123,12 +124,15 @@ class Attention(nn.Module):
         x: Tensor,
         attention_mask: Tensor | None = None,
         generator: torch.Generator | None = None,
-        hash_len: int | None = None,
+        cache: LayerCache | None = None,
+        pos: int = 0,
     ) -> Tensor:
         """(B, L, d_model) -> (B, L, d_model). attention_mask: (B, L), True at real tokens.
 
-        hash_len: hash as a sequence of this length would (bucket count), instead of L; cached
-        decoding prefills a prompt this way so it hashes exactly as the full forward.
+        cache: decoding. At pos 0 the tokens are a prompt: it runs as any forward, hashed as a
+        sequence of cache.total_len tokens would be (the bucket count), and fills the cache;
+        at pos > 0, x is the one token at position pos, attending through the cache (exactly
+        the full forward's output there, `cache.py` says why).
         """
         B, L, _ = x.shape
         v = self._heads(self.v(x))  # (B, H, L, D)
@@ -136,8 +140,23 @@ class Attention(nn.Module):
             q, k = self._heads(self.qk(x)), None
         else:
             q, k = self._heads(self.q(x)), self._heads(self.k(x))
+        if cache is not None and pos > 0:
+            stored = self.keys_of(q) if k is None else k
+            out = attend_one(cache, self.kind, self.shared_qk, self.chunk_len, q, stored, v, pos)
+            return self.out(out.reshape(B, 1, -1))
+        if cache is not None:
+            assert attention_mask is None, "decoding takes no padding mask"
+            K = self.buckets_for(cache.total_len) if self.kind == "lsh" else 0
+            rotations = None
+            if self.kind == "lsh":
+                rotations = self.draw_rotations(cache.total_len, generator, x.device, q.dtype)
+            stored = self.keys_of(q) if k is None else k
+            fill(cache, self.kind, q, stored, v, rotations, K, self.chunk_len)
         if self.kind == "lsh":
-            rotations = self.draw_rotations(hash_len or L, generator, x.device, q.dtype)
+            if cache is not None:
+                assert rotations is not None
+            else:
+                rotations = self.draw_rotations(L, generator, x.device, q.dtype)
             Lp = padded_length(L, self.pad_multiple or 1)
             if Lp != L:  # pad to the multiple with masked positions
                 mask = torch.ones(B, L, dtype=torch.bool, device=x.device)
