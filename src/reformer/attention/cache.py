@@ -37,6 +37,13 @@ class LayerCache:
     rotations: tuple[Tensor, ...] | None = None  # LSH only: the prompt's, reused
     mates: Tensor | None = None  # (B, H, R, K, C) positions of each bucket's last C, -1 empty
 
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows `index` (beam search: each new beam's parent)."""
+        for name in ("keys", "values", "mates"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, index))
+
 
 def fill(lc: LayerCache, kind: str, q: Tensor, k: Tensor, v: Tensor, rotations, n_buckets: int,
          chunk_len: int) -> None:  # fmt: skip

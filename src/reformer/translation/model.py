@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attention import Attention
+from ..attention.cache import LayerCache
 from ..config import ReformerConfig
 from ..embeddings import AbsolutePositionalEmbedding
 from ..feedforward import FeedForward
@@ -172,11 +173,22 @@ class DecoderBlock(nn.Module):
         gen = make_generator(seed, out.device)
         return out * dropout_mask(out.shape, self.dropout, gen, out.device, out.dtype)
 
-    def self_branch(self, x: Tensor, seed: int) -> Tensor:
-        return self._drop(self.self_attn(self.self_norm(x)), seed)
+    def self_branch(
+        self, x: Tensor, seed: int, cache: LayerCache | None = None, pos: int = 0
+    ) -> Tensor:
+        """cache, pos: decoding, through the attention's own cache (`Attention.forward`)."""
+        return self._drop(self.self_attn(self.self_norm(x), cache=cache, pos=pos), seed)
 
-    def cross_branch(self, x: Tensor, memory: Tensor, src_mask: Tensor | None, seed: int) -> Tensor:
-        kv = self.cross_attn.memory_kv(memory)
+    def cross_branch(
+        self,
+        x: Tensor,
+        memory: Tensor | None,
+        src_mask: Tensor | None,
+        seed: int,
+        kv: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """kv: the memory's keys and values when already computed (decoding)."""
+        kv = self.cross_attn.memory_kv(memory) if kv is None else kv
         return self._drop(self.cross_attn(self.cross_norm(x), kv, src_mask), seed)
 
     def ff_branch(self, x: Tensor, seed: int) -> Tensor:
@@ -196,7 +208,7 @@ class DecodeState:
     """What incremental decoding keeps between steps, for B' = batch x beam rows."""
 
     cross_kv: list[tuple[Tensor, Tensor]]  # per layer: keys, values of the memory (B', H, S, D)
-    self_kv: list[tuple[Tensor, Tensor] | None]  # per layer: keys, values so far (B', H, t, D)
+    self_cache: list[LayerCache]  # per layer: the self-attention's decode cache
     src_mask: Tensor  # (B', S)
     length: int = 0
 
@@ -205,10 +217,8 @@ class DecodeState:
         self.cross_kv = [
             (k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross_kv
         ]
-        self.self_kv = [
-            None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))
-            for kv in self.self_kv
-        ]
+        for lc in self.self_cache:
+            lc.reorder(index)
         self.src_mask = self.src_mask.index_select(0, index)
 
 
@@ -320,13 +330,20 @@ class ReformerEncDec(nn.Module):
             x = x + branch.fn(x, context, seed)
         return x
 
-    def _dec_branches(self, src_mask: Tensor) -> list[Branch]:
+    def _dec_branches(self, src_mask: Tensor, state: DecodeState | None = None) -> list[Branch]:
+        """The decoder's half-residual steps; with `state`, decoding position state.length
+        through the self-attention caches and the memory's precomputed keys and values."""
         branches = []
-        for b in self.decoder:
+        pos = 0 if state is None else state.length
+        for i, b in enumerate(self.decoder):
+            lc, kv = (None, None) if state is None else (state.self_cache[i], state.cross_kv[i])
             branches += [
-                Branch(lambda h, _m, s, b=b: b.self_branch(h, s), b.params_of("self")),
                 Branch(
-                    lambda h, m, s, b=b: b.cross_branch(h, m, src_mask, s), b.params_of("cross")
+                    lambda h, _m, s, b=b, lc=lc: b.self_branch(h, s, lc, pos), b.params_of("self")
+                ),
+                Branch(
+                    lambda h, m, s, b=b, kv=kv: b.cross_branch(h, m, src_mask, s, kv),
+                    b.params_of("cross"),
                 ),
                 Branch(lambda h, _m, s, b=b: b.ff_branch(h, s), b.params_of("ff")),
             ]
@@ -377,7 +394,8 @@ class ReformerEncDec(nn.Module):
             src_mask = src != self.config.pad_id
         memory = self.encode(src, src_mask)
         cross = [b.cross_attn.memory_kv(memory) for b in self.decoder]
-        return DecodeState(cross, [None] * len(self.decoder), src_mask)
+        caches = [LayerCache(self.config.max_tgt_len) for _ in self.decoder]
+        return DecodeState(cross, caches, src_mask)
 
     @torch.no_grad()
     def step(self, tokens: Tensor, state: DecodeState) -> Tensor:
@@ -390,38 +408,9 @@ class ReformerEncDec(nn.Module):
         if t >= self.config.max_tgt_len:
             raise ValueError(f"decoding past max_tgt_len ({self.config.max_tgt_len})")
         x = self._embed(self.tgt_emb, self.tgt_pos, tokens[:, None], t, 0)  # (B', 1, d)
-        halves = [x, x] if self.config.reversible else [x]
-        i = 0  # half-residual step counter: the reversible chain alternates halves
-
-        def apply(fn) -> None:
-            nonlocal i
-            if self.config.reversible:
-                a, b = (0, 1) if i % 2 == 0 else (1, 0)
-                halves[a] = halves[a] + fn(halves[b])
-            else:
-                halves[0] = halves[0] + fn(halves[0])
-            i += 1
-
-        for layer, block in enumerate(self.decoder):
-
-            def self_attn(h: Tensor, layer: int = layer, block: DecoderBlock = block) -> Tensor:
-                attn = block.self_attn
-                hn = block.self_norm(h)
-                q, k, v = (attn._heads(proj(hn)) for proj in (attn.q, attn.k, attn.v))
-                prev = state.self_kv[layer]
-                if prev is not None:
-                    k, v = torch.cat([prev[0], k], dim=2), torch.cat([prev[1], v], dim=2)
-                state.self_kv[layer] = (k, v)
-                out = F.scaled_dot_product_attention(q, k, v)  # (B', H, 1, D): all of 0..t
-                return attn.out(out.transpose(1, 2).reshape(h.shape[0], 1, -1))
-
-            apply(self_attn)
-            apply(
-                lambda h, b=block, layer=layer: b.cross_attn(
-                    b.cross_norm(h), state.cross_kv[layer], state.src_mask
-                )
-            )
-            apply(lambda h, b=block: b.ff(b.ff_norm(h)))
+        # The decoder's own forward, one position, through the caches (eval seeds are 0).
+        h = self._run(
+            self._dec_branches(state.src_mask, state), x, None, [0] * 3 * len(self.decoder)
+        )
         state.length = t + 1
-        h = (halves[0] + halves[1]) / 2 if self.config.reversible else halves[0]
         return self.logits_from_hidden(h)[:, 0]
