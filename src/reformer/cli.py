@@ -256,9 +256,10 @@ def cmd_plot(argv: list[str]) -> int:
     fig.suptitle(str(run))
     out = Path(args.out) if args.out else run / "plots" / "curves.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    tmp.replace(out)
+    from .files import atomic_output
+
+    with atomic_output(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     print(f"wrote {out}")
     return 0
 

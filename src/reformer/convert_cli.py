@@ -21,6 +21,7 @@ import tyro
 import yaml
 
 from .checkpoint import latest_checkpoint, save_checkpoint
+from .files import atomic_output
 from .interop import SPM_FILES, check_config, from_transformers, to_transformers
 from .run_config import TrainConfig, config_to_dict
 from .train import atomic_write_text, load_run, resolve_tokenizer
@@ -89,8 +90,8 @@ def _import(args: ConvertArgs) -> int:
     resolved = config_to_dict(cfg)
     out.mkdir(parents=True, exist_ok=True)
     if spm is not None:
-        shutil.copyfile(spm, out / f".{TOKENIZER_FILE}.tmp")
-        (out / f".{TOKENIZER_FILE}.tmp").replace(out / TOKENIZER_FILE)
+        with atomic_output(out / TOKENIZER_FILE) as tmp:
+            shutil.copyfile(spm, tmp)
     save_checkpoint(out, 0, lm.float(), config=resolved, keep=1)
     atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     what = f"sentencepiece ({TOKENIZER_FILE})" if tokenizer else f"bytes + {offset}"
@@ -111,8 +112,8 @@ def _export(args: ConvertArgs) -> int:
         raise FileNotFoundError(f"the run's tokenizer {tok} is missing; nothing was written")
     out = to_transformers(model, args.out, seq_len=seq_len)
     if tok is not None:
-        shutil.copyfile(tok, out / ".spiece.model.tmp")
-        (out / ".spiece.model.tmp").replace(out / "spiece.model")
+        with atomic_output(out / "spiece.model") as tmp:
+            shutil.copyfile(tok, tmp)
     print(f"wrote {out} (config.json, model.safetensors) from {ckpt} (step {step})")
     return 0
 

@@ -15,14 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention.chunked import chunk_slices
 from .attention.common import upcast
-
-
-def chunk_slices(length: int, chunk_len: int | None) -> list[slice]:
-    """Consecutive slices covering range(length), each at most chunk_len long."""
-    if chunk_len is None or chunk_len >= length:
-        return [slice(0, length)]
-    return [slice(s, min(s + chunk_len, length)) for s in range(0, length, chunk_len)]
 
 
 def apply_chunked(

@@ -39,11 +39,17 @@ def slice_rows(per_row: int, entries: int | None = None) -> int:
     return max(1, (SLICE_ENTRIES if entries is None else entries) // max(1, per_row))
 
 
+def chunk_slices(length: int, chunk_len: int | None) -> list[slice]:
+    """Consecutive slices covering range(length), each at most chunk_len long (one slice
+    when chunk_len is None); the one chunking helper of the package."""
+    step = length if chunk_len is None else chunk_len
+    return [slice(a, min(a + step, length)) for a in range(0, length, max(1, step))]
+
+
 def row_slices(rows: int, per_row: int, entries: int | None = None) -> list[slice]:
     """Consecutive slices of `rows`, each holding about `entries` (default SLICE_ENTRIES)
     = rows x per_row."""
-    step = slice_rows(per_row, entries)
-    return [slice(a, min(a + step, rows)) for a in range(0, rows, step)]
+    return chunk_slices(rows, slice_rows(per_row, entries))
 
 
 def _probs(q: Tensor, k: Tensor, code: Tensor, lut: Tensor, lse: Tensor | None):

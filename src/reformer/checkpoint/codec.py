@@ -14,19 +14,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..files import file_mode
 from .store import OPTIMIZER_JSON_FILE, CheckpointError, _sha256_file
 
 _TENSOR_TAG = "__tensor__"
 _TUPLE_TAG = "__tuple__"
 _ITEMS_TAG = "__items__"
 _TAGS = frozenset({_TENSOR_TAG, _TUPLE_TAG, _ITEMS_TAG})
-
-
-def file_mode() -> int:
-    """The mode a new file gets from the user's umask (0644 under umask 022)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def save_tensors(path: Path | str, tensors: dict[str, torch.Tensor]) -> None:

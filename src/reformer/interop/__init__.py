@@ -121,6 +121,7 @@ def to_transformers(
     duplicate correction, ...).
     """
     from ..checkpoint import save_tensors
+    from ..files import atomic_output, atomic_write
 
     if not isinstance(lm, ReformerLM):
         raise TypeError(f"to_transformers takes a ReformerLM; got {type(lm).__name__}")
@@ -130,12 +131,9 @@ def to_transformers(
     out.mkdir(parents=True, exist_ok=True)
     # Each file written beside its final name and renamed over it: a crash leaves the old
     # file or the new one, never half of one; plain open() follows the user's umask.
-    tmp = out / f".{SAFETENSORS_FILE}.tmp"
-    save_tensors(tmp, tensors)
-    os.replace(tmp, out / SAFETENSORS_FILE)
-    tmp = out / f".{CONFIG_FILE}.tmp"
-    tmp.write_text(json.dumps(hf, indent=2) + "\n")
-    os.replace(tmp, out / CONFIG_FILE)
+    with atomic_output(out / SAFETENSORS_FILE) as tmp:
+        save_tensors(tmp, tensors)
+    atomic_write(out / CONFIG_FILE, json.dumps(hf, indent=2) + "\n")
     return out
 
 

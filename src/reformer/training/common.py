@@ -6,23 +6,19 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..files import atomic_write
 from ..run_config import OptimConfig, TrainConfig
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """`files.atomic_write` of text (kept under the loop's old name)."""
+    atomic_write(path, text)
 
 
 # --- pieces of the loop ------------------------------------------------------------------------

@@ -17,7 +17,6 @@ import html
 import io
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from reformer.data._common import (
     check_positive,
 )
 
-from ..checkpoint import file_mode
+from ..files import atomic_write
 
 PathLike = str | os.PathLike[str]
 
@@ -223,15 +222,7 @@ class Tokenizer:
                     f"({e}); choose a smaller vocab_size"
                 ) from e
             raise
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(model.getvalue())
-            os.chmod(tmp, file_mode())  # mkstemp makes it 0600; the umask decides
-            os.replace(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(out, model.getvalue())
         return cls.load(out)
 
     @classmethod
