@@ -32,6 +32,7 @@ BAD = [
     ("translation", "length_penalty", -1.0),
     ("translation", "bleu_sentences", -3),
     ("translation", "src_lang", "de"),  # equal to tgt_lang
+    ("translation", "tgt_lang", " "),
     ("translation", "tie_embeddings", "yes"),
     ("", "steps", 0),
     ("", "task", "summarise"),
