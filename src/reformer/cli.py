@@ -29,6 +29,7 @@ from .train import (
     preset_dict,
     resolve_device,
     train,
+    unused_fields,
 )
 
 USAGE = """usage: reformer {train,eval,plot,generate,translate,convert} ...
@@ -71,6 +72,8 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
         ckpt = resolve_checkpoint(known.init_from)
         saved = read_checkpoint_config(ckpt)
         layers = {k: saved[k] for k in ("model", "task", "byte_offset") if k in saved}
+        if layers.get("task") == "translation":
+            layers["translation"] = saved.get("translation", {})
         if saved.get("tokenizer"):  # the init run's tokenizer file, wherever that run is
             tok = Path(saved["tokenizer"])
             in_run = ckpt.parent.parent / tok
@@ -79,7 +82,10 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
         layers = _merge(layers, preset_dict(known.preset))
     if known.config:
         layers = _merge(layers, load_config_file(known.config) | {"config": known.config})
-    default = config_from_dict(layers, where=known.config or "preset")
+    # The layers below the flags are checked for unused fields only once the flags (which
+    # may change the task) are applied: tyro builds the final config with the rule on.
+    with unused_fields("defer"):
+        default = config_from_dict(layers, where=known.config or "preset")
     return tyro.cli(
         TrainConfig,
         default=default,

@@ -9,11 +9,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def file_mode() -> int:
-    """The mode a new file gets from the user's umask (0644 under umask 022)."""
+def _umask() -> int:
+    # Linux says it without changing it; elsewhere set-and-restore (racy with threads that
+    # create files at that instant).
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a new file gets from the user's umask (0644 under umask 022)."""
+    return 0o666 & ~_umask()
 
 
 @contextlib.contextmanager

@@ -282,8 +282,9 @@ class ReformerLM(nn.Module):
         cache: decoding (`decode`): the tokens sit at positions cache.length.., attention goes
         through the per-layer caches, and the seeds are the cache's. One forward either way.
         """
-        self._check_ids(input_ids)
-        self._check_mask(attention_mask, input_ids)
+        if cache is None:  # decode checks its ids once, for all positions
+            self._check_ids(input_ids)
+            self._check_mask(attention_mask, input_ids)
         pos = 0 if cache is None else cache.length
         if cache is not None:
             seeds = cache.seeds

@@ -6,7 +6,11 @@ TOML) < command-line overrides. Unknown keys are errors at every layer.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
+import warnings
+from collections.abc import Iterator
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -192,47 +196,81 @@ class TrainConfig:
             raise ValueError(f"image_side must divide 64 (1..64); got {self.image_side}")
 
     def _refuse_unused(self) -> None:
-        """A field the task does not read is refused when set, not silently ignored."""
+        """A field the task does not read is refused when set, not silently ignored.
+
+        Under `unused_fields("defer")` (the CLI's intermediate layers) nothing is checked;
+        under `unused_fields("reset")` (configs read back from checkpoints written before
+        this rule) such fields go back to their defaults, with a warning."""
+        mode = _UNUSED_MODE.get()
+        if mode == "defer":
+            return
         default = TrainConfig.__new__(TrainConfig)  # the field defaults, without validation
         for f in fields(TrainConfig):
             if f.default is not MISSING:
                 setattr(default, f.name, f.default)
-        unused: list[str] = []
+        unused: dict[str, str] = {}  # field -> why
         if self.task == "translation":
             base = ReformerConfig()
-            unused += [
-                f"model.{f.name}"
-                for f in fields(ReformerConfig)
-                if f.name not in TRANSLATION_MODEL_FIELDS
-                and getattr(self.model, f.name) != getattr(base, f.name)
-            ]
-            unused += [
-                n for n in ("seq_len", "eval_hashes") if getattr(self, n) != getattr(default, n)
-            ]
             why = (
                 "translation runs take d_model, d_ff, n_heads, n_layers, dropout, reversible, "
                 "n_hashes and chunk_len from model, the rest from translation.*"
             )
+            for f in fields(ReformerConfig):
+                name = f.name
+                if name not in TRANSLATION_MODEL_FIELDS and (
+                    getattr(self.model, name) != getattr(base, name)
+                ):
+                    unused[f"model.{name}"] = why
+            if self.seq_len != default.seq_len:
+                unused["seq_len"] = "translation lengths are translation.max_len"
+            if self.eval_hashes not in ((), default.eval_hashes):
+                unused["eval_hashes"] = "translation runs print no hash-round table"
         else:
             base_t = TranslationConfig()
-            unused += [
-                f"translation.{f.name}"
-                for f in fields(TranslationConfig)
-                if getattr(self.translation, f.name) != getattr(base_t, f.name)
-            ]
-            why = "translation.* is read by task 'translation' only"
+            for f in fields(TranslationConfig):
+                if getattr(self.translation, f.name) != getattr(base_t, f.name):
+                    unused[f"translation.{f.name}"] = "read by task 'translation' only"
         if self.task != "images" and self.image_side != default.image_side:
-            unused.append("image_side")
-            why += "; image_side by task 'images' only"
+            unused["image_side"] = "read by task 'images' only"
         if self.task == "duplication" and self.data is not None:
-            unused.append("data")
-            why += "; the duplication task generates its data"
-        if unused:
-            raise ValueError(
-                f"{', '.join(unused)} set, but task {self.task!r} does not use "
-                f"{'it' if len(unused) == 1 else 'them'} ({why}); remove "
-                f"{'it' if len(unused) == 1 else 'them'} or choose the task that does"
+            unused["data"] = "the duplication task generates its data"
+        if not unused:
+            return
+        listing = "; ".join(f"{name} ({why})" for name, why in unused.items())
+        if mode == "reset":
+            warnings.warn(
+                f"the saved config sets fields its task {self.task!r} does not use, reset to "
+                f"their defaults: {listing}",
+                stacklevel=2,
             )
+            for name in unused:
+                section, _, field_name = name.rpartition(".")
+                obj = getattr(self, section) if section else self
+                base_obj = {"model": ReformerConfig, "translation": TranslationConfig}.get(section)
+                value = getattr(base_obj(), field_name) if base_obj else getattr(default, name)
+                object.__setattr__(obj, field_name, value)
+            return
+        raise ValueError(
+            f"task {self.task!r} does not use {listing}; remove "
+            f"{'it' if len(unused) == 1 else 'them'} or choose the task that does"
+        )
+
+
+_UNUSED_MODE: contextvars.ContextVar[str] = contextvars.ContextVar("unused", default="refuse")
+
+
+@contextlib.contextmanager
+def unused_fields(mode: str) -> Iterator[None]:
+    """How TrainConfigs built inside the block treat fields their task does not use:
+    "refuse" (the default), "defer" (not checked: an intermediate layer of the CLI, whose
+    flags may still change the task) or "reset" (back to defaults with a warning: configs
+    saved before the rule)."""
+    assert mode in ("refuse", "defer", "reset"), mode
+    token = _UNUSED_MODE.set(mode)
+    try:
+        yield
+    finally:
+        _UNUSED_MODE.reset(token)
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from .run_config import (  # noqa: F401  (re-exported: the loop's public names)
     config_to_dict,
     load_config_file,
     preset_dict,
+    unused_fields,
 )
 from .training import Recipe, Trainer, recipe_for
 from .training.common import (  # noqa: F401  (re-exported: the loop's public names)
@@ -215,7 +216,8 @@ def load_run(path: Path, device: torch.device) -> tuple[ReformerLM, TrainConfig,
 
     ckpt = resolve_checkpoint(path)
     try:
-        cfg = config_from_dict(read_checkpoint_config(ckpt), where=f"{ckpt}/config.json")
+        with unused_fields("reset"):  # runs saved before unused fields were refused
+            cfg = config_from_dict(read_checkpoint_config(ckpt), where=f"{ckpt}/config.json")
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{ckpt}: its saved config is not a reformer run config ({e})") from e
     if ckpt.parent.name == "checkpoints":  # the run directory, wherever it is now

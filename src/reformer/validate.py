@@ -8,6 +8,7 @@ what is allowed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -65,7 +66,12 @@ def _check(name: str, value: Any, tp: Any) -> None:
         allowed += " or null"
     literal = any(typing.get_origin(a) is Literal for a in arms)
     err = ValueError if literal else TypeError
-    raise err(f"{name} must be {'one of ' if literal else ''}{allowed}; got {value!r}")
+    hint = ""
+    if float in arms and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            float(value)  # YAML 1.1 reads 1e-3 as a string; 1.0e-3 is a float
+            hint = f" (in YAML write {float(value)!r}: it reads {value} as text)"
+    raise err(f"{name} must be {'one of ' if literal else ''}{allowed}; got {value!r}{hint}")
 
 
 def _is_union(tp: Any) -> bool:

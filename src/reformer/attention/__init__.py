@@ -141,6 +141,11 @@ class Attention(nn.Module):
         else:
             q, k = self._heads(self.q(x)), self._heads(self.k(x))
         if cache is not None and pos > 0:
+            if L != 1:
+                raise ValueError(
+                    f"decoding at position {pos} takes one token at a time; got {L} (decode "
+                    "the prompt first, then each new token)"
+                )
             stored = self.keys_of(q) if k is None else k
             out = attend_one(cache, self.kind, self.shared_qk, self.chunk_len, q, stored, v, pos)
             return self.out(out.reshape(B, 1, -1))

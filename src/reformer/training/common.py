@@ -72,6 +72,7 @@ class MetricsLog:
         self.path = path
         self._tb_dir = tensorboard
         self._tb = None
+        self._purge_step: int | None = None
         if tensorboard is not None:
             check_tensorboard()
 
@@ -79,11 +80,18 @@ class MetricsLog:
         if self._tb is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self._tb_dir))
+            # On resume, events past the checkpoint are dropped, as in metrics.jsonl.
+            self._tb = SummaryWriter(log_dir=str(self._tb_dir), purge_step=self._purge_step)
         return self._tb
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
     def truncate_after(self, step: int) -> None:
         """Drop records past `step` (and any torn last line) when resuming."""
+        self._purge_step = step + 1
         if not self.path.exists():
             return
         keep = []

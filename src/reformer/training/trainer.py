@@ -104,6 +104,15 @@ class Recipe:
         """Validation metrics (rank 0 alone, unwrapped model)."""
         raise NotImplementedError
 
+    def logged_loss(self, step_loss: float, micros: list[tuple[Tensor, ...]]) -> float | None:
+        """Called after every step with its loss; returns the loss to log at this step, or
+        None for the last step's own. Translation returns the token-weighted mean since
+        its previous log line (`reset_logged_loss`)."""
+        return None
+
+    def reset_logged_loss(self) -> None:
+        """A log line was written."""
+
     def state(self, step: int) -> dict[str, Any]:
         """The JSON training state saved with each checkpoint."""
         return {"step": step}
@@ -319,6 +328,7 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             step += 1
             tokens_since += recipe.tokens(micros)
+            window_loss = recipe.logged_loss(loss_value, micros)
             if bar is not None:
                 bar.update(1)
             last = step == cfg.steps
@@ -327,13 +337,15 @@ class Trainer:
                 now = time.perf_counter()
                 tps = tokens_since / max(now - t_log, 1e-9)
                 t_log, tokens_since = now, 0
-                rec = {"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tps}
+                logged = loss_value if window_loss is None else window_loss
+                recipe.reset_logged_loss()
+                rec = {"step": step, "loss": logged, "lr": lr, "tokens_per_s": tps}
                 if grad_norm is not None:
                     rec["grad_norm"] = grad_norm
                 rec["elapsed_s"] = now - t_start
                 metrics.write(rec)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:,.0f}")
+                    bar.set_postfix(loss=f"{logged:.4f}", tok_s=f"{tps:,.0f}")
             do_eval = bool(cfg.eval_every) and (step % cfg.eval_every == 0 or last or late)
             if do_eval:
                 # Rank 0 evaluates alone (the others wait at the barrier below). Under FSDP
@@ -380,4 +392,5 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
+        metrics.close()
         return last_eval

@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from reformer.data._common import IGNORE_INDEX, check_positive, make_generator
 
-from .data import Tokenizer
+if TYPE_CHECKING:
+    from .data import Tokenizer
 
 # ---------------------------------------------------------------------------------------------
 # Batches

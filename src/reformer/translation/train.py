@@ -22,7 +22,7 @@ from ..checkpoint import (
     resolve_checkpoint,
 )
 from ..distributed import all_reduce_sum, barrier
-from ..run_config import TrainConfig, config_from_dict
+from ..run_config import TrainConfig, config_from_dict, unused_fields
 from ..training import Recipe, Trainer
 from .batches import ParallelData
 from .data import Tokenizer, bleu, read_parallel, resolve_pair_paths
@@ -210,8 +210,10 @@ class TranslationRecipe(Recipe):
             )
         # Target tokens of the whole step on all ranks: the loss is their mean.
         n = sum(int((tgt_out != -100).sum()) for _, _, tgt_out in micros)
-        self._n_total = all_reduce_sum([float(n)], self.device)[0] if w > 1 else float(n)
-        self._tokens = sum(int((src != self.tok.pad_id).sum()) for src, _, _ in micros) + n
+        tokens = sum(int((src != self.tok.pad_id).sum()) for src, _, _ in micros) + n
+        if w > 1:
+            n, tokens = all_reduce_sum([float(n), float(tokens)], self.device)
+        self._n_total, self._tokens = float(n), int(tokens)
         return micros
 
     def micro_loss(self, output, micros) -> torch.Tensor:
@@ -221,7 +223,18 @@ class TranslationRecipe(Recipe):
         return loss_sum * (self.world_size / self._n_total)
 
     def tokens(self, micros) -> int:
-        return self._tokens * self.world_size
+        return self._tokens
+
+    def logged_loss(self, step_loss: float, micros) -> float:
+        # The token-weighted mean since the last log line (as translation logged it before
+        # the shared engine), not the last step's alone.
+        self._since = getattr(self, "_since", (0.0, 0.0))
+        total, count = self._since
+        self._since = (total + step_loss * self._n_total, count + self._n_total)
+        return self._since[0] / self._since[1]
+
+    def reset_logged_loss(self) -> None:
+        self._since = (0.0, 0.0)
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         t = self.cfg.translation
@@ -251,7 +264,8 @@ def load_translation_run(path: Path, device: torch.device) -> TranslationRun:
     config, checkpoint directory and step."""
     path = Path(path)
     ckpt = resolve_checkpoint(path)
-    cfg = config_from_dict(read_checkpoint_config(ckpt), where=f"{ckpt}/config.json")
+    with unused_fields("reset"):  # runs saved before unused fields were refused
+        cfg = config_from_dict(read_checkpoint_config(ckpt), where=f"{ckpt}/config.json")
     if cfg.task != "translation":
         raise CheckpointError(f"{ckpt}: a {cfg.task!r} run, not a translation run")
     spm_path = ckpt.parent.parent / "spm.model"
