@@ -1,4 +1,4 @@
-"""`reformer train | eval | plot`: the command-line tool.
+"""`reformer train | eval | plot | generate | translate | convert`: the command-line tool.
 
 Each verb's flags are generated from its typed dataclass by tyro (`reformer VERB --help`);
 there is no second list of options to keep in sync.
