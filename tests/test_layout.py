@@ -1,6 +1,6 @@
 """The package's layout rules (STYLE.md 6, DESIGN.md 6): imports only run one way (no
-import cycle between modules, lazy imports included; `if TYPE_CHECKING:` imports are type
-hints, not dependencies), and no module is over 500 lines."""
+import cycle between modules, lazy and `if TYPE_CHECKING:` imports included, as
+../shared/tools/layout.py counts them), and no module is over 500 lines."""
 
 import ast
 from pathlib import Path
@@ -22,15 +22,9 @@ def _modules() -> dict[str, Path]:
 
 def _imports(name: str, path: Path, mods: dict[str, Path]) -> set[str]:
     tree = ast.parse(path.read_text())
-    hints = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
-            hints.update(id(n) for b in node.body for n in ast.walk(b))
     package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
     deps = set()
     for node in ast.walk(tree):
-        if id(node) in hints:
-            continue
         if isinstance(node, ast.Import):
             deps.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):

@@ -256,11 +256,6 @@ class ReformerLM(nn.Module):
                 f"{tuple(input_ids.shape)}"
             )
 
-    def layer_seeds(self) -> list[tuple[int, int]]:
-        """Per-call seeds of each block's F and G, drawn from torch's global RNG (so
-        `torch.manual_seed(s)` before a call makes the call reproducible)."""
-        return ForwardSeeds.draw(len(self.blocks)).layers
-
     def embed(self, input_ids: Tensor, offset: int = 0) -> Tensor:
         """Token plus positional embeddings of ids at positions offset.. : (B, L) -> (B, L, d)."""
         x = self.token_emb(input_ids)

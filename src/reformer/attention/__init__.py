@@ -149,19 +149,17 @@ class Attention(nn.Module):
             stored = self.keys_of(q) if k is None else k
             out = attend_one(cache, self.kind, self.shared_qk, self.chunk_len, q, stored, v, pos)
             return self.out(out.reshape(B, 1, -1))
+        # A prompt hashes as the full forward of cache.total_len tokens (its bucket count).
+        hash_len = L if cache is None else cache.total_len
+        rotations = None
+        if self.kind == "lsh":
+            rotations = self.draw_rotations(hash_len, generator, x.device, q.dtype)
         if cache is not None:
             assert attention_mask is None, "decoding takes no padding mask"
-            K = self.buckets_for(cache.total_len) if self.kind == "lsh" else 0
-            rotations = None
-            if self.kind == "lsh":
-                rotations = self.draw_rotations(cache.total_len, generator, x.device, q.dtype)
+            K = self.buckets_for(hash_len) if self.kind == "lsh" else 0
             stored = self.keys_of(q) if k is None else k
             fill(cache, self.kind, q, stored, v, rotations, K, self.chunk_len)
         if self.kind == "lsh":
-            if cache is not None:
-                assert rotations is not None
-            else:
-                rotations = self.draw_rotations(L, generator, x.device, q.dtype)
             Lp = padded_length(L, self.pad_multiple or 1)
             if Lp != L:  # pad to the multiple with masked positions
                 mask = torch.ones(B, L, dtype=torch.bool, device=x.device)

@@ -15,10 +15,8 @@ import torch
 from ..files import atomic_write
 from ..run_config import OptimConfig, TrainConfig
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """`files.atomic_write` of text (kept under the loop's old name)."""
-    atomic_write(path, text)
+# The loop's old name for `files.atomic_write`.
+atomic_write_text = atomic_write
 
 
 # --- pieces of the loop ------------------------------------------------------------------------

@@ -325,12 +325,3 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> tuple[float, s
     metric = sacrebleu.metrics.BLEU()
     result = metric.corpus_score(list(hypotheses), [list(references)])
     return float(result.score), str(metric.get_signature())
-
-
-def __getattr__(name: str):
-    # Batch and ParallelData moved to translation/batches.py; the old import keeps working.
-    if name in ("Batch", "ParallelData"):
-        from . import batches
-
-        return getattr(batches, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

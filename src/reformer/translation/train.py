@@ -174,6 +174,7 @@ class TranslationRecipe(Recipe):
         self.tok = Tokenizer.load(spm_path)
         self.data = ParallelData.from_text(train_pairs, self.tok, max_len=t.max_len)
         self.val_pairs = val_pairs[: t.bleu_sentences] if t.bleu_sentences else val_pairs
+        self._since = (0.0, 0.0)  # loss sum and target tokens since the last log line
 
     def build_model(self) -> ReformerEncDec:
         return ReformerEncDec(encdec_config(self.cfg, self.tok.vocab_size)).to(self.device)
@@ -228,7 +229,6 @@ class TranslationRecipe(Recipe):
     def logged_loss(self, step_loss: float, micros) -> float:
         # The token-weighted mean since the last log line (as translation logged it before
         # the shared engine), not the last step's alone.
-        self._since = getattr(self, "_since", (0.0, 0.0))
         total, count = self._since
         self._since = (total + step_loss * self._n_total, count + self._n_total)
         return self._since[0] / self._since[1]
