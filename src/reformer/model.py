@@ -86,10 +86,11 @@ class ReformerBlock(nn.Module):
     def ff_params(self) -> list[nn.Parameter]:
         return list(self.ff_norm.parameters()) + list(self.ff.parameters())
 
-    def _mask(self, x: Tensor, gen: torch.Generator) -> Tensor | None:
+    def _mask(self, x: Tensor, gen: torch.Generator, dtype=None) -> Tensor | None:
+        """The dropout multiplier for x's shape (x's dtype unless given); None if no dropout."""
         if not (self.training and self.dropout > 0):
             return None
-        return dropout_mask(x.shape, self.dropout, gen, x.device, x.dtype)
+        return dropout_mask(x.shape, self.dropout, gen, x.device, dtype or x.dtype)
 
     def attn_branch(
         self,
@@ -106,6 +107,73 @@ class ReformerBlock(nn.Module):
         out = self.attn(self.attn_norm(x), attention_mask, gen, cache=cache, pos=pos)
         mask = self._mask(out, gen)
         return out if mask is None else out * mask
+
+    def attn_branch_vjp(
+        self, x: Tensor, grad: Tensor, seed: int, attention_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor, list[Tensor | None]]:
+        """F(x), x's gradient and the parameters' gradients for upstream `grad`, the random
+        draws replayed from `seed` as `attn_branch` makes them.
+
+        Ordered so that few (B, L, d) tensors are alive at once (the backward pass's peak):
+        the attention core's inputs and output and their gradients exist while the core runs
+        its backward; the output projection's input gradient is formed before it, F(x) only
+        after it; the norm and input projections are recomputed a chunk of positions at a
+        time (as the feed-forward's vjp), so neither the normalised input nor its gradient
+        exists whole."""
+        attn = self.attn
+        B, L, d = x.shape
+        gen = make_generator(seed, x.device)
+        params = [p for p in self.attn_params() if p.requires_grad]
+        with torch.no_grad():
+            heads = attn.project(self.attn_norm(x))
+        rotations = None
+        if attn.kind == "lsh":
+            rotations = attn.draw_rotations(L, gen, x.device, heads[0].dtype)
+        leaves = [t.detach().requires_grad_(True) if t is not None else None for t in heads]
+        del heads
+        with torch.enable_grad():
+            out = attn.core(*leaves, attention_mask, rotations)  # (B, H, L, D)
+        # attn_branch's dropout mask: drawn after the rotations, in its output's dtype.
+        dev = x.device.type
+        f_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        mask = self._mask(x, gen, f_dtype)
+        g = grad if mask is None else grad * mask
+        w_out = attn.out.weight
+        d_out = torch.matmul(g, w_out.to(g.dtype) if g.dtype != w_out.dtype else w_out)
+        d_out = d_out.view(B, L, attn.n_heads, attn.head_dim).transpose(1, 2)
+        used = [t for t in leaves if t is not None]
+        d_heads = list(torch.autograd.grad(out, used, d_out))
+        del d_out, used, leaves
+        o = out.detach().transpose(1, 2).reshape(B, L, -1)
+        del out
+        own: dict[int, Tensor] = {}
+        if w_out.requires_grad:
+            own[id(w_out)] = (g.reshape(-1, d).t() @ o.reshape(B * L, -1)).to(w_out.dtype)
+        bias = attn.out.bias
+        if bias is not None and bias.requires_grad:
+            own[id(bias)] = g.sum((0, 1)).to(bias.dtype)
+        del g
+        with torch.no_grad():
+            f = attn.out(o)
+            if mask is not None:
+                f = f * mask
+        del o
+        # The norm and the input projections, a chunk of positions at a time.
+        local = [p for m in (self.attn_norm, *attn.projections()) for p in m.parameters()]
+        local = [p for p in local if p.requires_grad]
+        x_grad = torch.empty_like(x)
+        sums: list[Tensor | None] = [None] * len(local)
+        for sl in chunk_slices(L, self.ff_chunk_len):
+            with torch.enable_grad():
+                xc = x[:, sl].detach().requires_grad_(True)
+                outs = [t for t in attn.project(self.attn_norm(xc)) if t is not None]
+                dxc, *dps = torch.autograd.grad(
+                    outs, [xc, *local], [dh[:, :, sl] for dh in d_heads], allow_unused=True
+                )
+            x_grad[:, sl] = dxc
+            sums = [a if b is None else (b if a is None else a + b) for a, b in zip(sums, dps)]
+        own |= {id(p): gp for p, gp in zip(local, sums) if gp is not None}
+        return f, x_grad, [own.get(id(p)) for p in params]
 
     def _ff(self, x: Tensor, mask: Tensor | None) -> Tensor:
         out = self.ff(self.ff_norm(x))

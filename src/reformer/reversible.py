@@ -15,6 +15,7 @@ re-seeding the global RNG. Parameter gradients are returned from `backward` as o
 outputs, so gradient hooks (DDP) see them as usual.
 
 LM blocks provide: `attn_branch(x, attention_mask, seed)`, `ff_branch(x, seed)`,
+`attn_branch_vjp(x, grad, seed, attention_mask)` and
 `ff_branch_vjp(x, grad, seed) -> (G(x), x_grad, param_grads)`, `attn_params()`,
 `ff_params()`.
 """
@@ -25,6 +26,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+
+from .memory import release_free_memory
 
 Seeds = Sequence[tuple[int, int]]
 
@@ -53,9 +56,12 @@ def reversible_forward(
     caches = [None] * len(blocks) if caches is None else caches
     branches: list[Branch] = []
     for block, lc in zip(blocks, caches):
+        vjp = None
+        if lc is None:  # training: the attention step's own ordered vjp
+            vjp = lambda x, g, seed, b=block: b.attn_branch_vjp(x, g, seed, attention_mask)  # noqa: E731
         branches.append(
             Branch(lambda x, _, seed, b=block, c=lc: b.attn_branch(x, attention_mask, seed, c, pos),
-                   block.attn_params())
+                   block.attn_params(), vjp=vjp)
         )  # fmt: skip
         branches.append(
             Branch(lambda x, _, seed, b=block: b.ff_branch(x, seed), block.ff_params(),
@@ -138,12 +144,31 @@ class _ChainFunction(torch.autograd.Function):
             torch.get_autocast_dtype(device_type),
         )
         ctx.branches, ctx.seeds, ctx.has_context = branches, seeds, has_context
-        ctx.save_for_backward(x1.detach(), x2.detach(), context.detach())
+        # The outputs are kept as plain (detached) attributes, not saved tensors, so that the
+        # backward pass can drop them as soon as it has rebuilt the halves before them (saved
+        # tensors would stay alive until backward returns: two (B, L, d) tensors at the peak).
+        # Detached, they hold no reference back to this node (no cycle).
+        ctx.outputs = [x1.detach(), x2.detach()]
+        ctx.versions = (x1._version, x2._version)  # shared with the detached views
+        ctx.save_for_backward(context.detach())
         return x1, x2
 
     @staticmethod
     def backward(ctx, dy1, dy2):
-        y1, y2, context = ctx.saved_tensors
+        (context,) = ctx.saved_tensors
+        if ctx.outputs is None:
+            raise RuntimeError(
+                "reversible_chain: backward ran twice through the same graph; the reversible "
+                "stack frees its outputs in the first (retain_graph is not supported)"
+            )
+        y1, y2 = ctx.outputs
+        ctx.outputs = None
+        if (y1._version, y2._version) != ctx.versions:
+            raise RuntimeError(
+                "reversible_chain: an output of the reversible stack was modified in place "
+                "after the forward pass; the backward pass rebuilds the activations from the "
+                "outputs, so clone them before changing them"
+            )
         has_context = ctx.has_context
         need_context = has_context and ctx.needs_input_grad[2]
         d_context = torch.zeros_like(context) if need_context else None
@@ -181,5 +206,7 @@ class _ChainFunction(torch.autograd.Function):
                 # output, its input gradient and the old half are (B, L, d) tensors that
                 # would otherwise stay alive there.
                 del f, db, b, da
+                if i % 2 == 0:  # once per LM layer, after its attention step (memory.py)
+                    release_free_memory(y1)
         param_grads = [g for grads in reversed(grads_per_branch) for g in grads]
         return (dy1, dy2, d_context, None, None, None, *param_grads)

@@ -119,6 +119,65 @@ class Attention(nn.Module):
         )
         return tuple(r.to(dtype) for r in rotations) if dtype == torch.float64 else rotations
 
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """(B, L, d_model) -> q (or shared qk), k (None when shared), v: (B, H, L, D) views."""
+        v = self._heads(self.v(x))
+        if self.shared_qk:
+            return self._heads(self.qk(x)), None, v
+        return self._heads(self.q(x)), self._heads(self.k(x)), v
+
+    def projections(self) -> list[nn.Linear]:
+        """The input projections `project` applies, in its order (q or qk, k, then v)."""
+        first = [self.qk] if self.shared_qk else [self.q, self.k]
+        return [*first, self.v]
+
+    def core(
+        self,
+        q: Tensor,
+        k: Tensor | None,
+        v: Tensor,
+        attention_mask: Tensor | None,
+        rotations: tuple[Tensor, ...] | None,
+    ) -> Tensor:
+        """The attention of this kind on (B, H, L, D) heads (k None: shared QK), before the
+        output projection; rotations: LSH's, from `draw_rotations`."""
+        B, _, L, _ = q.shape
+        if self.kind == "lsh":
+            assert rotations is not None
+            Lp = padded_length(L, self.pad_multiple or 1)
+            if Lp != L:  # pad to the multiple with masked positions
+                mask = torch.ones(B, L, dtype=torch.bool, device=q.device)
+                if attention_mask is not None:
+                    mask = attention_mask.to(device=q.device, dtype=torch.bool)
+                attention_mask = pad_to(mask, Lp, dim=1)
+                q, v = pad_to(q, Lp, dim=2), pad_to(v, Lp, dim=2)
+            return lsh_attention(
+                q,
+                v,
+                rotations,
+                chunk_len=self.chunk_len,
+                causal=self.causal,
+                mode=self.lsh_mode,
+                attention_mask=attention_mask,
+                kernel=self.lsh_kernel,
+                wrap=self.lsh_wrap,
+                dedup=self.lsh_dedup,
+                key_norm=self.key_norm,
+            )[:, :, :L]
+        if self.kind == "local":
+            return local_attention(
+                q,
+                k,
+                v,
+                chunk_len=self.chunk_len,
+                causal=self.causal,
+                attention_mask=attention_mask,
+                key_norm=self.key_norm,
+            )
+        return full_attention(
+            q, k, v, causal=self.causal, attention_mask=attention_mask, key_norm=self.key_norm
+        )
+
     def forward(
         self,
         x: Tensor,
@@ -135,11 +194,7 @@ class Attention(nn.Module):
         the full forward's output there, `cache.py` says why).
         """
         B, L, _ = x.shape
-        v = self._heads(self.v(x))  # (B, H, L, D)
-        if self.shared_qk:
-            q, k = self._heads(self.qk(x)), None
-        else:
-            q, k = self._heads(self.q(x)), self._heads(self.k(x))
+        q, k, v = self.project(x)
         if cache is not None and pos > 0:
             if L != 1:
                 raise ValueError(
@@ -159,39 +214,5 @@ class Attention(nn.Module):
             K = self.buckets_for(hash_len) if self.kind == "lsh" else 0
             stored = self.keys_of(q) if k is None else k
             fill(cache, self.kind, q, stored, v, rotations, K, self.chunk_len)
-        if self.kind == "lsh":
-            Lp = padded_length(L, self.pad_multiple or 1)
-            if Lp != L:  # pad to the multiple with masked positions
-                mask = torch.ones(B, L, dtype=torch.bool, device=x.device)
-                if attention_mask is not None:
-                    mask = attention_mask.to(device=x.device, dtype=torch.bool)
-                attention_mask = pad_to(mask, Lp, dim=1)
-                q, v = pad_to(q, Lp, dim=2), pad_to(v, Lp, dim=2)
-            out = lsh_attention(
-                q,
-                v,
-                rotations,
-                chunk_len=self.chunk_len,
-                causal=self.causal,
-                mode=self.lsh_mode,
-                attention_mask=attention_mask,
-                kernel=self.lsh_kernel,
-                wrap=self.lsh_wrap,
-                dedup=self.lsh_dedup,
-                key_norm=self.key_norm,
-            )[:, :, :L]
-        elif self.kind == "local":
-            out = local_attention(
-                q,
-                k,
-                v,
-                chunk_len=self.chunk_len,
-                causal=self.causal,
-                attention_mask=attention_mask,
-                key_norm=self.key_norm,
-            )
-        else:
-            out = full_attention(
-                q, k, v, causal=self.causal, attention_mask=attention_mask, key_norm=self.key_norm
-            )
+        out = self.core(q, k, v, attention_mask, rotations)
         return self.out(out.transpose(1, 2).reshape(B, L, -1))

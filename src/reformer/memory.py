@@ -1,0 +1,69 @@
+"""Heap memory that the reversible backward pass hands back to the operating system (glibc).
+
+glibc's malloc raises its mmap threshold as large blocks are freed (up to 32 MiB), after
+which the (L, d_model) tensors of long sequences are carved out of the heap. Each layer's
+recomputation in the backward pass then leaves freed but still resident heap pages that the
+next layer's differently sized blocks do not fit, so peak RSS grows with depth although live
+memory does not (about 30 MiB per layer at 16K tokens). `release_free_memory`, called by the
+reversible engine between the layers it recomputes, runs glibc's `malloc_trim(0)`: free heap
+pages go back to the kernel and the next layer faults in only what it uses. It changes no
+allocator setting, runs only on glibc, only for CPU tensors of at least `MIN_BYTES`, and is
+switched off with `REFORMER_MALLOC_TRIM=0` in the environment or `set_release(False)`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+import torch
+
+# Below this size per stream tensor (e.g. L * d_model * 4 bytes = 4 MiB at L 4096, d 256)
+# the heap a layer leaves behind is too small to matter and the trim's cost would show.
+MIN_BYTES = 4 << 20
+
+_enabled = os.environ.get("REFORMER_MALLOC_TRIM", "1").strip().lower() not in (
+    "0",
+    "false",
+    "no",
+    "off",
+)
+_trim = None
+_loaded = False
+
+
+def _malloc_trim():
+    global _trim, _loaded
+    if not _loaded:
+        _loaded = True
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            libc.gnu_get_libc_version  # glibc only
+            _trim = libc.malloc_trim
+            _trim.argtypes, _trim.restype = [ctypes.c_size_t], ctypes.c_int
+        except (OSError, AttributeError):
+            _trim = None
+    return _trim
+
+
+def set_release(enabled: bool) -> None:
+    """Turn the between-layers trim on or off for this process (default: on, unless
+    REFORMER_MALLOC_TRIM=0)."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def release_enabled() -> bool:
+    """Whether `release_free_memory` trims in this process (on glibc)."""
+    return _enabled and _malloc_trim() is not None
+
+
+def release_free_memory(like: torch.Tensor) -> None:
+    """Return free heap pages to the OS if `like` (a stream tensor of the reversible stack)
+    lives on the CPU and is at least MIN_BYTES; a no-op elsewhere."""
+    if not _enabled or like.device.type != "cpu" or like.numel() * like.element_size() < MIN_BYTES:
+        return
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
