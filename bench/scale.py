@@ -13,6 +13,7 @@ run when its prediction (linear in L from the last two measured lengths) passes 
 this machine's available memory or --max-step-seconds; a time stop ends the search there.
 
     python -m bench.scale [--budget-gib 20] [--models small ablation] [--max-step-seconds 600]
+    python -m bench.scale --models small --lengths 1048576 --one-process --name scale_2e20
 
 Memory is measured on one step in a fresh process (peak RSS minus the RSS after building
 the model), time on --repeats steps after --warmup in another (bench/_harness.py). The
@@ -89,7 +90,7 @@ class Search:
                 dtype=ns.dtype,
             )
             timeout = 600 + 3 * (ns.repeats + ns.warmup + 1) * (pred_s or ns.max_step_seconds)
-            row |= run_measured("bench.scale", args, timeout, ns.device)
+            row |= run_measured("bench.scale", args, timeout, ns.device, ns.one_process)
             if "error" in row:
                 row |= {"fits": False, "limit": "memory" if "memory" in row["error"] else "error"}
             else:
@@ -103,6 +104,11 @@ class Search:
 
     def run(self) -> dict[str, Any]:
         ns = self.ns
+        if ns.lengths:  # exactly these lengths, no search
+            for length in ns.lengths:
+                self.attempt(length)
+            return self.result(max((r["length"] for r in self.rows if r["fits"]), default=None),
+                               None, "ran --lengths")  # fmt: skip
         lower, upper, stop = None, None, f"reached --max-length {ns.max_length}"
         length = ns.start
         while length <= ns.max_length:
@@ -125,6 +131,9 @@ class Search:
                 else:
                     stop = row.get("skipped") or row.get("error") or stop
                     break
+        return self.result(lower, upper, stop)
+
+    def result(self, lower: int | None, upper: int | None, stop: str) -> dict[str, Any]:
         best = max((r for r in self.rows if r["fits"]), key=lambda r: r["length"], default=None)
         return {
             "model": self.model,
@@ -178,6 +187,15 @@ def main() -> None:
     parser.add_argument("--refine-steps", type=int, default=2)
     parser.add_argument("--granularity", type=int, default=4096)
     parser.add_argument("--n-hashes", type=int, default=4)
+    parser.add_argument(
+        "--lengths", type=int, nargs="+", default=None, help="measure exactly these L (no search)"
+    )
+    parser.add_argument(
+        "--one-process",
+        action="store_true",
+        help="time the memory process's one step instead of a second process (first step, "
+        "under the fixed mmap threshold; for steps of many minutes)",
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
     parser.add_argument(
         "--quick",

@@ -39,7 +39,7 @@ def _malloc_trim():
         _loaded = True
         try:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            libc.gnu_get_libc_version  # glibc only
+            _ = libc.gnu_get_libc_version  # AttributeError off glibc
             _trim = libc.malloc_trim
             _trim.argtypes, _trim.restype = [ctypes.c_size_t], ctypes.c_int
         except (OSError, AttributeError):
