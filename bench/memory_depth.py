@@ -1,7 +1,8 @@
 """Activation memory against depth: one training step at L = 16,384 for 2, 12 and 24 layers.
 
 The reversible stack stores no per-layer activations, so the deeper model's peak RSS should
-exceed the shallower one's by no more than its extra parameters and their gradients.
+exceed the shallower one's by no more than its extra parameters, their gradients and the
+optimiser state.
 
     python -m bench.memory_depth [--length 16384] [--layers 2 12 24] [--reversible both]
     python -m bench.memory_depth --name memory_length --lengths 4096 16384 65536 \
@@ -11,9 +12,12 @@ exceed the shallower one's by no more than its extra parameters and their gradie
 paper's third memory lever): their (L, d_ff) and (L, vocab) intermediates then exist whole.
 
 Each configuration runs in a fresh process; peak RSS is the peak (VmHWM, reset just before
-the step) minus the RSS measured in that process after building the model and optimiser. Workers run
-with glibc's mmap threshold fixed at 64 KiB (bench/_harness.py says why);
-`--glibc-default` measures without it.
+the first step) over --steps steps (2: AdamW's state exists in the second) minus the RSS
+measured in that process after building the model and optimiser. --allocators runs each
+configuration under several malloc settings side by side: `default` (glibc as a user's
+process has it, with the library's trim between layers, reformer/memory.py), `no-trim`
+(REFORMER_MALLOC_TRIM=0: glibc alone) and `fixed-64k` (MALLOC_MMAP_THRESHOLD_=65536, the
+other benchmarks' setting: RSS tracks live tensors).
 """
 
 from __future__ import annotations
@@ -61,13 +65,20 @@ def worker(args: dict) -> dict:
     model = ReformerLM(cfg)
     warm_lsh_kernels(torch.device("cpu"), torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)  # stateless: adds only the gradients
+    if args.get("optimizer", "sgd") == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)  # stateless: only the gradients
     meter = PeakMemory(torch.device("cpu"))  # DESIGN 7: from the RSS with the model built
-    t0 = time.perf_counter()
-    loss = model.loss(ids[:, :-1], ids[:, 1:])
-    loss.backward()
-    opt.step()
-    seconds = time.perf_counter() - t0
+    times = []
+    for _ in range(args.get("steps", 1)):  # from the second on, AdamW's state exists
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = model.loss(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    seconds = times[-1]
     return {
         "length": args["length"],
         "chunking": chunked,
@@ -77,11 +88,28 @@ def worker(args: dict) -> dict:
         "param_mib": n_params * 4 / 2**20,
         "peak_rss_mib": meter.mib(),
         "step_seconds": seconds,
+        "step_times": times,
         "loss": float(loss.detach()),
     }
 
 
-def plot(rows, layers, lengths, revs, chunkings, n_hashes: int, name: str) -> None:
+ALLOCATORS = {
+    # glibc's malloc as a user's process has it, with the library's trim between layers
+    "default": {"MALLOC_MMAP_THRESHOLD_": None},
+    # the same without the trim (REFORMER_MALLOC_TRIM=0): glibc alone
+    "no-trim": {"MALLOC_MMAP_THRESHOLD_": None, "REFORMER_MALLOC_TRIM": "0"},
+    # the benchmarks' fixed 64 KiB mmap threshold: RSS tracks live tensors
+    "fixed-64k": {"MALLOC_MMAP_THRESHOLD_": str(1 << 16)},
+}
+
+
+def label(row: dict) -> str:
+    text = "reversible" if row["reversible"] else "ordinary residual"
+    text += "" if row["chunking"] else ", unchunked ff and loss"
+    return text + f", {row['allocator']}"
+
+
+def plot(rows: list[dict], by_depth: bool, name: str, title: str) -> None:
     """Peak RSS against depth (several layer counts), else against length."""
     import matplotlib
 
@@ -89,35 +117,22 @@ def plot(rows, layers, lengths, revs, chunkings, n_hashes: int, name: str) -> No
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    by_depth = len(layers) > 1
-    for length in lengths if by_depth else [None]:
-        for chunking in chunkings:
-            for reversible in revs:
-                sel = [
-                    r
-                    for r in rows
-                    if (r["chunking"], r["reversible"]) == (chunking, reversible)
-                    and (length is None or r["length"] == length)
-                    and "error" not in r
-                ]
-                key = "layers" if by_depth else "length"
-                sel.sort(key=lambda r: r[key])
-                label = "reversible" if reversible else "ordinary residual"
-                label += "" if chunking else ", unchunked ff and loss"
-                if by_depth and len(lengths) > 1:
-                    label += f", L = {length}"
-                ax.plot([r[key] for r in sel], [r["peak_rss_mib"] for r in sel], "o-", label=label)
-    if by_depth:
-        ax.set_xlabel("layers")
-        title = f", L = {lengths[0]}" if len(lengths) == 1 else ""
-    else:
+    key = "layers" if by_depth else "length"
+    lines: dict[str, list[dict]] = {}
+    for r in rows:
+        if "error" not in r:
+            extra = f", L = {r['length']}" if by_depth else f", {r['layers']} layers"
+            lines.setdefault(label(r) + extra, []).append(r)
+    for text, sel in lines.items():
+        sel.sort(key=lambda r: r[key])
+        ax.plot([r[key] for r in sel], [r["peak_rss_mib"] for r in sel], "o-", label=text)
+    if not by_depth:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("sequence length L (batch 1)")
-        title = f", {layers[0]} layers"
-    ax.set_ylabel("peak RSS of one training step (MiB)")
-    ax.set_title(f"LSH-{n_hashes}, d_model 256" + title)
-    ax.legend(fontsize=7)
+    ax.set_xlabel("layers" if by_depth else "sequence length L (batch 1)")
+    ax.set_ylabel("peak RSS of a training step (MiB)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6)
     save_png(fig, RESULTS / f"{name}.png")
     print("wrote", RESULTS / f"{name}.json", "and", RESULTS / f"{name}.png")
 
@@ -131,11 +146,15 @@ def main() -> None:
     parser.add_argument("--n-hashes", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reversible", choices=["yes", "no", "both"], default="yes")
+    parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    parser.add_argument("--steps", type=int, default=2, help="steps measured (peak over all)")
     parser.add_argument(
-        "--glibc-default",
-        action="store_true",
-        help="keep glibc's dynamic mmap threshold (RSS then includes heap "
-        "fragmentation that grows with the number of layers)",
+        "--allocators",
+        nargs="+",
+        choices=list(ALLOCATORS),
+        default=["default", "fixed-64k"],
+        help="default: glibc with the library's trim; no-trim: glibc alone; fixed-64k: "
+        "MALLOC_MMAP_THRESHOLD_=65536",
     )
     parser.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
     ns = parser.parse_args()
@@ -146,67 +165,67 @@ def main() -> None:
     choice = {"yes": [True], "no": [False], "both": [True, False]}
     revs, chunkings = choice[ns.reversible], choice[ns.chunking]
     rows = []
-    for length in ns.length:
-        for chunking in chunkings:
-            for reversible in revs:
-                for layers in ns.layers:
-                    args = dict(length=length, layers=layers, n_hashes=ns.n_hashes)
-                    args |= dict(threads=ns.threads, reversible=reversible, chunking=chunking)
-                    env = {"MALLOC_MMAP_THRESHOLD_": None} if ns.glibc_default else None
-                    row = run_fresh("bench.memory_depth", args, env=env)
-                    rows.append(args | row)
-                    print(json.dumps(rows[-1]), flush=True)
+    for allocator in ns.allocators:
+        for length in ns.length:
+            for chunking in chunkings:
+                for reversible in revs:
+                    for layers in ns.layers:
+                        args = dict(length=length, layers=layers, n_hashes=ns.n_hashes)
+                        args |= dict(threads=ns.threads, reversible=reversible)
+                        args |= dict(chunking=chunking, optimizer=ns.optimizer, steps=ns.steps)
+                        row = run_fresh("bench.memory_depth", args, env=ALLOCATORS[allocator])
+                        rows.append(args | {"allocator": allocator} | row)
+                        print(json.dumps(rows[-1]), flush=True)
+    # Budget: the extra parameters, their gradients and the optimiser state (AdamW: two
+    # moments). The parameters are in each process's baseline already.
+    per_param = 4 * (2 + (2 if ns.optimizer == "adamw" else 0))
     summary = {}
-    for reversible in revs:
-        # Depth: the first length, chunked as asked first.
-        sel = sorted(
-            (
-                r
-                for r in rows
-                if r["reversible"] == reversible
-                and r["length"] == ns.length[0]
-                and r["chunking"] == chunkings[0]
-                and "error" not in r
-            ),
-            key=lambda r: r["layers"],
-        )
-        if len(sel) >= 2:
+    for allocator in ns.allocators:
+        for reversible in revs:
+            sel = sorted(
+                (
+                    r
+                    for r in rows
+                    if (r["allocator"], r["reversible"]) == (allocator, reversible)
+                    and r["length"] == ns.length[0]
+                    and r["chunking"] == chunkings[0]
+                    and "error" not in r
+                ),
+                key=lambda r: r["layers"],
+            )
+            if len(sel) < 2:
+                continue
             lo, hi = sel[0], sel[-1]
-            # Budget (issue 2): the extra parameters and gradients. The parameters are in each
-            # process's baseline already, so the growth should be about the extra gradients.
-            extra = hi["param_mib"] - lo["param_mib"]
+            bound = (hi["params"] - lo["params"]) * per_param / 2**20
             growth = hi["peak_rss_mib"] - lo["peak_rss_mib"]
-            key = "reversible" if reversible else "ordinary"
+            key = f"{'reversible' if reversible else 'ordinary'}, {allocator}"
             summary[key] = {
                 "layers": [lo["layers"], hi["layers"]],
                 "peak_rss_mib": [lo["peak_rss_mib"], hi["peak_rss_mib"]],
                 "growth_mib": growth,
-                "extra_grads_mib": extra,
-                "extra_params_and_grads_mib": 2 * extra,
-                "beyond_extra_grads_mib": growth - extra,
-                "within_budget": growth <= 2 * extra,
+                "bound_mib": bound,
+                "within_bound": growth <= bound,
+                "step_seconds": [lo["step_seconds"], hi["step_seconds"]],
             }
             print(
                 f"{key}: {lo['layers']} layers {lo['peak_rss_mib']:.0f} MiB, {hi['layers']} "
-                f"layers {hi['peak_rss_mib']:.0f} MiB: growth {growth:.1f} MiB vs extra "
-                f"gradients {extra:.1f} MiB (params+grads {2 * extra:.1f} MiB) -> "
-                f"{'OK' if growth <= 2 * extra else 'EXCEEDS'} ({growth - extra:+.1f} MiB "
-                "beyond the extra gradients; one (B, L, d_model) fp32 activation is "
-                f"{ns.length[0] * 256 * 4 / 2**20:.0f} MiB)"
+                f"layers {hi['peak_rss_mib']:.0f} MiB: growth {growth:+.1f} MiB; extra "
+                f"parameters, gradients and optimiser state {bound:.1f} MiB -> "
+                f"{'OK' if growth <= bound else 'EXCEEDS'}; step {lo['step_seconds']:.1f} / "
+                f"{hi['step_seconds']:.1f} s"
             )
     out = {
         "command": command_line(),
-        "environment": environment()
-        | {
-            "threads": ns.threads,
-            "glibc_mmap_threshold": "dynamic" if ns.glibc_default else "64 KiB",
-        },
+        "environment": environment() | {"threads": ns.threads},
         "lengths": ns.length,
+        "optimizer": ns.optimizer,
         "rows": rows,
         "summary": summary,
     }
     write_json(RESULTS / f"{ns.name}.json", out)
-    plot(rows, ns.layers, ns.length, revs, chunkings, ns.n_hashes, ns.name)
+    by_depth = len(ns.layers) > 1
+    title = f"LSH-{ns.n_hashes}, d_model 256, {ns.optimizer}, peak over {ns.steps} step(s)"
+    plot(rows, by_depth, ns.name, title)
     sys.stdout.flush()
 
 

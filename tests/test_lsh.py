@@ -65,6 +65,19 @@ def test_factorised_buckets_match_reference(mode, causal):
     _compare(qk, v, mask, rot, chunk_len=4, causal=causal, mode=mode)
 
 
+@pytest.mark.parametrize("entries", [1, 50, 1 << 22])  # one position, ragged slices, whole
+def test_hashing_in_slices_changes_no_bucket(monkeypatch, entries):
+    """Hashing a slice of positions at a time (its memory is O(L sqrt L) at once otherwise)
+    gives the reference's buckets, factorised or not, odd lengths."""
+    from reformer.attention import hashing
+
+    monkeypatch.setattr(hashing, "HASH_ENTRIES", entries)
+    qk, _, _ = _inputs(2, 2, 45, 6, padded=False)
+    for n_buckets in (8, 2 * FACTORISE_ABOVE):
+        rot = draw_rotations(2, 6, 3, n_buckets, dtype=F64)
+        assert torch.equal(hash_vectors(qk, rot), hash_reference(qk, rot))
+
+
 def test_bucket_rules():
     assert auto_n_buckets(1024, 64) == 32  # 16 chunks -> 2 * 16: half a chunk per bucket
     assert auto_n_buckets(1000, 64) == 32

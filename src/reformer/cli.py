@@ -1,4 +1,4 @@
-"""`reformer train | eval | plot | generate | translate | convert`: the command-line tool.
+"""`reformer train | eval | plot | generate | translate | convert | plan`: the command-line tool.
 
 Each verb's flags are generated from its typed dataclass by tyro (`reformer VERB --help`);
 there is no second list of options to keep in sync.
@@ -6,7 +6,6 @@ there is no second list of options to keep in sync.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass
@@ -19,20 +18,15 @@ from .checkpoint import CheckpointError
 from .distributed import process_group
 from .train import (
     PRESETS,
-    TrainConfig,
     TrainingDiverged,
-    _merge,
-    config_from_dict,
     format_table,
     hash_table,
-    load_config_file,
-    preset_dict,
     resolve_device,
     train,
-    unused_fields,
 )
+from .train_args import parse_train_args
 
-USAGE = """usage: reformer {train,eval,plot,generate,translate,convert} ...
+USAGE = """usage: reformer {train,eval,plot,generate,translate,convert,plan} ...
 
 Train and run Reformer models (LSH attention, reversible layers, chunked feed-forward).
 
@@ -43,6 +37,7 @@ verbs:
   generate  sample text (or an image) from a checkpoint with the cached decoder
   translate translate text (stdin or a file) with a translation run's checkpoint
   convert   import a transformers Reformer directory as a run, or export a run to one
+  plan      predict a training step's peak memory by component; the longest length that fits
 
 `reformer VERB --help` lists a verb's options. Examples:
   reformer train --preset duplication-small --out runs/dup
@@ -53,49 +48,11 @@ verbs:
   torchrun --nproc-per-node 2 -m reformer train --preset duplication-small --out runs/dup2
   reformer convert --from-transformers path/to/reformer-enwik8 --out runs/enwik8-hf
   reformer convert --to-transformers runs/dup --out exported/dup
+  reformer plan --preset enwik8-small --length 65536 --budget 20GiB
 """
 
 
 # --- train -------------------------------------------------------------------------------------
-def parse_train_args(argv: list[str]) -> TrainConfig:
-    """`reformer train` flags -> the resolved TrainConfig (defaults < preset < file < flags)."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset")
-    pre.add_argument("--config")
-    pre.add_argument("--init-from", "--init_from", dest="init_from")
-    known, _ = pre.parse_known_args(argv)
-    layers: dict = {}
-    if known.init_from:
-        # The architecture comes with the weights: their run's model config is the base.
-        from .checkpoint import read_checkpoint_config, resolve_checkpoint
-
-        ckpt = resolve_checkpoint(known.init_from)
-        saved = read_checkpoint_config(ckpt)
-        layers = {k: saved[k] for k in ("model", "task", "byte_offset") if k in saved}
-        if layers.get("task") == "translation":
-            layers["translation"] = saved.get("translation", {})
-        if saved.get("tokenizer"):  # the init run's tokenizer file, wherever that run is
-            tok = Path(saved["tokenizer"])
-            in_run = ckpt.parent.parent / tok
-            layers["tokenizer"] = str(in_run.resolve() if in_run.exists() else tok)
-    if known.preset:
-        layers = _merge(layers, preset_dict(known.preset))
-    if known.config:
-        layers = _merge(layers, load_config_file(known.config) | {"config": known.config})
-    # The layers below the flags are checked for unused fields only once the flags (which
-    # may change the task) are applied: tyro builds the final config with the rule on.
-    with unused_fields("defer"):
-        default = config_from_dict(layers, where=known.config or "preset")
-    return tyro.cli(
-        TrainConfig,
-        default=default,
-        args=argv,
-        prog="reformer train",
-        description="Train a Reformer. Layers: defaults < --preset < --config FILE < flags. "
-        "`--list-presets` lists the presets.",
-    )
-
-
 def cmd_train(argv: list[str]) -> int:
     if "--list-presets" in argv:
         from .run_config import PRESET_DIR
@@ -282,6 +239,12 @@ def cmd_convert(argv: list[str]) -> int:
     return run(argv)
 
 
+def cmd_plan(argv: list[str]) -> int:
+    from .plan_cli import cmd_plan as run
+
+    return run(argv)
+
+
 def cmd_translate(argv: list[str]) -> int:
     from .translation.cli import cmd_translate as run
 
@@ -302,6 +265,7 @@ VERBS = {
     "generate": cmd_generate,
     "translate": cmd_translate,
     "convert": cmd_convert,
+    "plan": cmd_plan,
 }
 
 

@@ -71,20 +71,36 @@ def draw_rotations(
     )
 
 
+# Positions hashed at a time: the projections of a slice, (B, H, R, l, K_f / 2), hold at most
+# this many entries. K grows with L (K ~ 2 L / C, factorised: K_f ~ sqrt(K)), so hashing the
+# whole sequence at once would need O(L^1.5) memory: 8 GiB at 2^20 tokens, 4 heads, 4 rounds.
+HASH_ENTRIES = 1 << 22
+
+
 def hash_vectors(qk: Tensor, rotations: tuple[Tensor, ...]) -> Tensor:
     """Angular LSH: (B, H, L, D) -> buckets (B, H, R, L) in [0, K), K = prod of factors.
 
     Each factor f: h_f = argmax([x A_f ; -x A_f]); the bucket is the mixed-radix number of the
-    factor hashes. The vectors are detached: bucket choice carries no gradient.
+    factor hashes. The vectors are detached: bucket choice carries no gradient. Positions
+    are hashed a slice at a time (HASH_ENTRIES), which changes no bucket.
     """
     x = qk.detach().to(rotations[0].dtype)
-    buckets = None
-    for rot in rotations:
-        proj = torch.einsum("bhld,hdrk->bhrlk", x, rot)  # (B, H, R, L, K_f / 2)
-        # argmax of [proj, -proj] (first index on ties) without building it
-        top, arg_top = proj.max(dim=-1)
-        low, arg_low = proj.min(dim=-1)
-        h = torch.where(top >= -low, arg_top, arg_low + rot.shape[-1])  # (B, H, R, L)
-        buckets = h if buckets is None else buckets * (2 * rot.shape[-1]) + h
-    assert buckets is not None
+    B, H, L, _ = x.shape
+    R = rotations[0].shape[2]
+    widest = max(rot.shape[-1] for rot in rotations)
+    step = max(1, HASH_ENTRIES // max(1, B * H * R * widest))
+    buckets = torch.empty(B, H, R, L, dtype=torch.long, device=x.device)
+    for start in range(0, L, step):
+        xs = x[:, :, start : start + step]
+        out = None
+        for rot in rotations:
+            proj = torch.einsum("bhld,hdrk->bhrlk", xs, rot)  # (B, H, R, l, K_f / 2)
+            # argmax of [proj, -proj] (first index on ties) without building it
+            top, arg_top = proj.max(dim=-1)
+            low, arg_low = proj.min(dim=-1)
+            del proj
+            h = torch.where(top >= -low, arg_top, arg_low + rot.shape[-1])  # (B, H, R, l)
+            out = h if out is None else out * (2 * rot.shape[-1]) + h
+        assert out is not None
+        buckets[:, :, :, start : start + step] = out
     return buckets

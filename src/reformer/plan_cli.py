@@ -1,0 +1,92 @@
+"""`reformer plan`: what a training step will need before it runs, and what fits a budget.
+
+    reformer plan --preset enwik8-small [--length 65536] [--batch 1] [--budget 20GiB]
+                  [--measure] [--json FILE] [any `reformer train` flag]
+
+The model, precision, optimiser and device come from the same layers as `reformer train`
+(defaults < --preset < --config FILE < flags); --length and --batch default to the run's
+seq_len and batch_size. `--measure` also runs two real steps in a fresh process and prints
+the measured peak beside the prediction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .files import atomic_write
+from .plan import GiB, MiB, longest_fitting, measure_step_fresh, parse_size, plan_memory
+
+HELP = __doc__.split("\n\n", 1)[1]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reformer plan", add_help=False)
+    p.add_argument("--length", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--budget", default=None)
+    p.add_argument("--measure", action="store_true")
+    p.add_argument("--json", default=None)
+    p.add_argument("-h", "--help", action="store_true")
+    return p
+
+
+def cmd_plan(argv: list[str]) -> int:
+    from .train import resolve_device
+    from .train_args import parse_train_args
+
+    args, rest = _parser().parse_known_args(argv)
+    if args.help:
+        print("usage: " + HELP.strip())
+        print("\nModel and run flags: as `reformer train --help` lists them.")
+        return 0
+    budget = parse_size(args.budget) if args.budget is not None else None  # checked first
+    cfg = parse_train_args(rest)
+    if cfg.task == "translation":
+        raise ValueError(
+            "reformer plan covers language-model runs; task=translation (an encoder-decoder) "
+            "is not modelled yet"
+        )
+    length = args.length if args.length is not None else cfg.seq_len
+    batch = args.batch if args.batch is not None else cfg.batch_size
+    for name, value in (("--length", length), ("--batch", batch)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1 (got {value})")
+    device = str(resolve_device(cfg.device))
+    plan = plan_memory(cfg.model, length, batch, cfg.precision, cfg.optim.name)
+    print(plan.table())
+    if device != "cpu":
+        print(f"(device {device}: figures are for torch.cuda.max_memory_allocated)")
+    out: dict = {
+        "length": length,
+        "batch": batch,
+        "precision": cfg.precision,
+        "optimizer": cfg.optim.name,
+        "device": device,
+        "parameters_bytes": plan.parameters * 4,
+        "components_bytes": plan.components,
+        "phases_bytes": plan.phases,
+        "predicted_peak_bytes": plan.peak,
+        "predicted_total_bytes": plan.total,
+    }
+    if budget is not None:
+        best = longest_fitting(cfg.model, budget, batch, cfg.precision, cfg.optim.name)
+        if best is None:
+            print(f"\nnothing fits {args.budget}: even one chunk needs more")
+        else:
+            n, fit = best
+            print(
+                f"\nlongest length that fits {args.budget} (model + step): {n:,} tokens "
+                f"x batch {batch} ({fit.total / GiB:.2f} GiB)"
+            )
+        out["budget_bytes"], out["longest_fitting"] = budget, best[0] if best else None
+    if args.measure:
+        print("\nmeasuring two real steps in a fresh process ...", flush=True)
+        got = measure_step_fresh(cfg.model, length, batch, cfg.precision, cfg.optim.name, device)
+        err = plan.peak / got - 1
+        print(f"measured step peak above the model: {got / MiB:,.1f} MiB (prediction {err:+.1%})")
+        out["measured_peak_bytes"] = got
+    if args.json:
+        atomic_write(Path(args.json), json.dumps(out, indent=2))
+    return 0
