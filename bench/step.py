@@ -119,7 +119,7 @@ def build(config: str, layers: int, length: int):
             vocab_size=VOCAB, lsh_attn_chunk_length=CHUNK, lsh_num_chunks_before=1,
             lsh_num_chunks_after=0, num_hashes=HASHES, num_buckets=None,
             max_position_embeddings=length, axial_pos_shape=(length // 64, 64),
-            axial_pos_embds_dim=(D // 2, D // 2), chunk_size_feed_forward=FF_CHUNK,
+            axial_pos_embds_dim=(D // 2, D // 2), chunk_size_feed_forward=min(FF_CHUNK, length),
             hidden_dropout_prob=0.0, lsh_attention_probs_dropout_prob=0.0,
             local_attention_probs_dropout_prob=0.0, axial_pos_embds=True,
         )  # fmt: skip

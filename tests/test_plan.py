@@ -1,8 +1,10 @@
 """`reformer plan` and the memory it predicts, against real training steps.
 
-The measured steps run in fresh processes with the default allocator (glibc's malloc and
-the library's trim between layers: what a user gets), two steps each (the optimiser state
-exists in the second, as in training); memory is peak RSS above the RSS before the step.
+The measured steps run in fresh processes, two steps each (the optimiser state exists in
+the second, as in training); memory is peak RSS above the RSS before the step. The plan is
+compared with RSS under a fixed mmap threshold (RSS = live tensors, the plan's quantity);
+the depth test runs under the default allocator (glibc and the library's trim: what a user
+gets).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def lsh_model(layers: int = 2, **kw) -> ReformerConfig:
 
 
 @linux_only
-@pytest.mark.parametrize("length", [4096, 8192, 16384])
+@pytest.mark.parametrize("length", [8192, 16384, 32768])
 def test_plan_is_within_15_percent_of_a_measured_step(length):
     cfg = lsh_model()
     predicted = plan_memory(cfg, length).peak
@@ -57,7 +59,9 @@ def test_peak_memory_is_flat_in_depth_under_the_default_allocator():
             - sum(p.numel() for p in ReformerLM(small).parameters())
         )
     )
-    growth = measure_step_fresh(deep, 8192, threads=2) - measure_step_fresh(small, 8192, threads=2)
+    growth = measure_step_fresh(
+        deep, 8192, threads=2, fixed_mmap_threshold=False
+    ) - measure_step_fresh(small, 8192, threads=2, fixed_mmap_threshold=False)
     assert growth <= extra, (growth / 2**20, extra / 2**20)
 
 
@@ -96,7 +100,7 @@ def test_parse_size():
     assert parse_size("20GiB") == 20 * 2**30
     assert parse_size("512 MiB") == 512 * 2**20
     assert parse_size("1.5G") == 1.5 * 2**30
-    for bad in ("twenty", "20XB", "-1GiB", "0"):
+    for bad in ("twenty", "20XB", "-1GiB", "0", "1e999G", "20iBiB", "20GiBiB"):
         with pytest.raises(ValueError, match="size"):
             parse_size(bad)
 
@@ -128,7 +132,7 @@ def test_cli_plan_prints_the_breakdown_and_the_longest_fit(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--preset", "enwik8-small", "--budget", "lots"], "not a size"),
+        (["--preset", "enwik8-small", "--budget", "lots"], "not a positive size"),
         (["--preset", "enwik8-small", "--length", "0"], "--length must be >= 1"),
         (["--preset", "multi30k-small"], "language-model runs"),
         (["--preset", "enwik8-small", "--model.d-model", "-3"], "d_model"),

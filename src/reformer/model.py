@@ -133,9 +133,10 @@ class ReformerBlock(nn.Module):
         del heads
         with torch.enable_grad():
             out = attn.core(*leaves, attention_mask, rotations)  # (B, H, L, D)
-        # attn_branch's dropout mask: drawn after the rotations, in its output's dtype.
-        dev = x.device.type
-        f_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        # attn_branch's dropout mask: drawn after the rotations, in the dtype its output has
+        # (the output projection's under autocast, which leaves float64 alone).
+        with torch.no_grad():
+            f_dtype = attn.out(out[:, :, :1].detach().transpose(1, 2).reshape(B, 1, -1)).dtype
         mask = self._mask(x, gen, f_dtype)
         g = grad if mask is None else grad * mask
         w_out = attn.out.weight

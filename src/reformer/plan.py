@@ -16,8 +16,13 @@ the live tensors):
 - the head: the (B, L, 2 d) hidden state, its gradient, one chunk of logits and its gradient.
 
 The step peaks at the largest of the three (plus what the optimiser step allocates for its
-update). CPU figures are what peak RSS shows above the RSS before the step; on CUDA they are
-what `torch.cuda.max_memory_allocated` would show (the caching allocator's rounding aside).
+update), on top of the gradients, the optimiser state and a constant for the runtime's
+one-off buffers. The figures are live memory: on CUDA what `torch.cuda.max_memory_allocated`
+would show (the caching allocator's rounding aside); on the CPU what peak RSS above the RSS
+before the step shows when RSS tracks live tensors, i.e. with glibc's mmap threshold fixed
+(MALLOC_MMAP_THRESHOLD_=65536). With glibc's default threshold, freed blocks under 32 MiB
+stay resident in the heap: RSS is then up to 2x the plan at 4K-16K tokens (d_model 256)
+and close to it once the (L, d_model) tensors pass 32 MiB (README, "reformer plan").
 `tests/test_plan.py` checks the prediction against measured steps; the README gives the error.
 """
 
@@ -37,12 +42,15 @@ from .config import ReformerConfig
 # with the one that the key normalisation's backward adds; the rest are the streams.
 ATTENTION_TENSORS = 9
 STREAMS = 4  # y1, y2 and their gradients, fp32
-# Measured slack of the allocator over the live tensors (glibc with the library's trim
-# between layers; tests/test_plan.py), a fraction of the step's peak activations.
-ALLOCATOR_SLACK = 0.0
+# What a process's first training step allocates once and keeps (autograd's and the thread
+# pools' buffers, kernel workspaces): measured on CPU as the constant part of the gap
+# between the live tensors and the step's peak RSS at 8K to 64K tokens (tests/test_plan.py).
+RUNTIME_BYTES = 96 * 2**20
 
 GiB = 2**30
 MiB = 2**20
+RUNTIME = "runtime (first step's one-off buffers)"
+MAX_PLANNED = 2**34  # tokens per sequence: where longest_fitting stops searching
 
 
 @dataclass
@@ -65,11 +73,8 @@ class MemoryPlan:
     @property
     def peak(self) -> int:
         """Peak bytes of the step above what is resident before it (the parameters)."""
-        return (
-            self.components["gradients"]
-            + self.components["optimizer state"]
-            + max(self.phases.values())
-        )
+        kept = self.components["gradients"] + self.components["optimizer state"]
+        return kept + self.components[RUNTIME] + max(self.phases.values())
 
     @property
     def total(self) -> int:
@@ -86,7 +91,7 @@ class MemoryPlan:
             f"{'parameters (resident before the step)':<46}{self.parameters * 4 / MiB:>12,.1f}",
         ]
         lines += [f"{name:<46}{b / MiB:>12,.1f}" for name, b in self.components.items()]
-        lines.append("phases of the step (each on top of gradients and optimiser state):")
+        lines.append("phases of the step (each on top of gradients, optimiser state and runtime):")
         for name, b in self.phases.items():
             mark = "  <- peak" if name == self.peak_phase else ""
             lines.append(f"  {name:<44}{b / MiB:>12,.1f}{mark}")
@@ -190,12 +195,12 @@ def plan_memory(
         "feed-forward chunk (d_ff intermediates)": ff_work,
         "logits and loss chunk": logits,
         "head (hidden state and its gradient)": head,
+        RUNTIME: RUNTIME_BYTES,
     }
-    slack = 1.0 + ALLOCATOR_SLACK
     phases = {
-        "attention backward": int(slack * (STREAMS * stream + core + work)),
-        "feed-forward backward": int(slack * ((STREAMS + 2) * stream + ff_work)),
-        "head and loss": int(slack * head),
+        "attention backward": STREAMS * stream + core + work,
+        "feed-forward backward": (STREAMS + 2) * stream + ff_work,
+        "head and loss": head,
         # the update's temporaries (AdamW: one per parameter, on top of the state)
         "optimizer step": n_grad * 4 if optimizer == "adamw" else 0,
     }
@@ -231,8 +236,11 @@ def longest_fitting(
     lo, hi = 1, 2
     while fits(hi):
         lo, hi = hi, hi * 2
-        if hi * step > 2**40:
-            break
+        if hi * step > MAX_PLANNED:
+            raise ValueError(
+                f"more than {MAX_PLANNED:,} tokens fit the budget of {budget_bytes / GiB:g} GiB; "
+                "that is beyond what the plan searches"
+            )
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
@@ -240,19 +248,15 @@ def longest_fitting(
 
 
 def parse_size(text: str) -> float:
-    """'20GiB', '512 MiB', '1.5GB', '800M' -> bytes (binary units; GB/MB read as GiB/MiB)."""
-    t = text.strip().replace(" ", "")
-    units = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    num = t.rstrip("BbIi")
-    unit = num[-1:].upper() if num[-1:].isalpha() else ""
-    num = num[:-1] if unit else num
-    try:
-        value = float(num)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a size; write e.g. 20GiB, 512MiB or 800M") from None
-    if unit not in units or value <= 0:
+    """'20GiB', '512 MiB', '1.5GB', '800M', '4096' -> bytes (binary units; GB, MB read as
+    GiB, MiB)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([KMGT]?)(i?B)?\s*", text)
+    value = float(m.group(1)) if m else math.nan
+    if not (m and math.isfinite(value) and value > 0):
         raise ValueError(f"{text!r} is not a positive size; write e.g. 20GiB, 512MiB or 800M")
-    return value * units[unit]
+    return value * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2)]
 
 
 # --- measuring a real step (the check on the prediction) ---------------------------------------
@@ -332,7 +336,7 @@ def measure_step_fresh(
     """`measure_step` in a fresh Python process (so nothing this process holds or has
     fragmented counts), with this environment. fixed_mmap_threshold: with glibc's
     MALLOC_MMAP_THRESHOLD_=65536, so that RSS tracks the live tensors the plan predicts
-    (False: the process's own setting, glibc's default unless set)."""
+    (False: glibc's default, dynamic threshold, as a user's process has it)."""
     import dataclasses
     import json
     import os
@@ -348,12 +352,15 @@ def measure_step_fresh(
         device=device,
         threads=threads,
     )
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    if fixed_mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     proc = subprocess.run(
         [sys.executable, "-m", "reformer.plan", json.dumps(job)],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=os.environ | ({"MALLOC_MMAP_THRESHOLD_": "65536"} if fixed_mmap_threshold else {}),
+        env=env,
     )
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 from pathlib import Path
 
 from .files import atomic_write
@@ -48,7 +49,15 @@ def cmd_plan(argv: list[str]) -> int:
             "reformer plan covers language-model runs; task=translation (an encoder-decoder) "
             "is not modelled yet"
         )
-    length = args.length if args.length is not None else cfg.seq_len
+    length = args.length
+    if length is None and cfg.task == "images":
+        if cfg.image_side is None:
+            raise ValueError(
+                "task=images: the length is 3 x side^2 of the data's images; give --length "
+                "or --image-side"
+            )
+        length = 3 * cfg.image_side**2
+    length = length if length is not None else cfg.seq_len
     batch = args.batch if args.batch is not None else cfg.batch_size
     for name, value in (("--length", length), ("--batch", batch)):
         if value < 1:
@@ -56,6 +65,11 @@ def cmd_plan(argv: list[str]) -> int:
     device = str(resolve_device(cfg.device))
     plan = plan_memory(cfg.model, length, batch, cfg.precision, cfg.optim.name)
     print(plan.table())
+    if length > cfg.model.max_seq_len:
+        print(
+            f"note: planned with model.max_seq_len raised from {cfg.model.max_seq_len:,} to "
+            f"{length:,}; training at this length needs --model.max-seq-len {length}"
+        )
     if device != "cpu":
         print(f"(device {device}: figures are for torch.cuda.max_memory_allocated)")
     out: dict = {
@@ -76,14 +90,25 @@ def cmd_plan(argv: list[str]) -> int:
             print(f"\nnothing fits {args.budget}: even one chunk needs more")
         else:
             n, fit = best
+            more = " (the model's max_seq_len is lower)" if n > cfg.model.max_seq_len else ""
             print(
-                f"\nlongest length that fits {args.budget} (model + step): {n:,} tokens "
+                f"\nlongest length that fits {args.budget} (model + step): {n:,} tokens{more} "
                 f"x batch {batch} ({fit.total / GiB:.2f} GiB)"
             )
         out["budget_bytes"], out["longest_fitting"] = budget, best[0] if best else None
     if args.measure:
-        print("\nmeasuring two real steps in a fresh process ...", flush=True)
-        got = measure_step_fresh(cfg.model, length, batch, cfg.precision, cfg.optim.name, device)
+        print(
+            "\nmeasuring two real steps in a fresh process (MALLOC_MMAP_THRESHOLD_=65536: "
+            "RSS tracks live tensors) ...",
+            flush=True,
+        )
+        try:
+            got = measure_step_fresh(
+                cfg.model, length, batch, cfg.precision, cfg.optim.name, device
+            )
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            raise ValueError(f"--measure: {e}") from None
+        got = max(got, 1)  # a step too small to move the peak RSS
         err = plan.peak / got - 1
         print(f"measured step peak above the model: {got / MiB:,.1f} MiB (prediction {err:+.1%})")
         out["measured_peak_bytes"] = got

@@ -158,7 +158,8 @@ class _ChainFunction(torch.autograd.Function):
         (context,) = ctx.saved_tensors
         if ctx.outputs is None:
             raise RuntimeError(
-                "reversible_chain: backward ran twice through the same graph; the reversible "
+                "reversible_chain: backward ran twice through the same graph (or a failed one is "
+                "being retried); the reversible "
                 "stack frees its outputs in the first (retain_graph is not supported)"
             )
         y1, y2 = ctx.outputs
