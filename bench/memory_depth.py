@@ -12,7 +12,8 @@ optimiser state.
 paper's third memory lever): their (L, d_ff) and (L, vocab) intermediates then exist whole.
 
 Each configuration runs in a fresh process; peak RSS is the peak (VmHWM, reset just before
-the first step) over --steps steps (2: AdamW's state exists in the second) minus the RSS
+the first step) over --steps steps (default 1; from the second on AdamW's state exists during
+the backward pass) minus the RSS
 measured in that process after building the model and optimiser. --allocators runs each
 configuration under several malloc settings side by side: `default` (glibc as a user's
 process has it, with the library's trim between layers, reformer/memory.py), `no-trim`
@@ -147,7 +148,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reversible", choices=["yes", "no", "both"], default="yes")
     parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
-    parser.add_argument("--steps", type=int, default=2, help="steps measured (peak over all)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=1,
+        help="steps measured (peak over all; from the second "
+        "on, AdamW's state exists during the backward pass)",
+    )
     parser.add_argument(
         "--allocators",
         nargs="+",

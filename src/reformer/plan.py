@@ -332,6 +332,7 @@ def measure_step_fresh(
     threads: int | None = None,
     timeout: float = 3600,
     fixed_mmap_threshold: bool = True,
+    steps: int = 2,
 ) -> int:
     """`measure_step` in a fresh Python process (so nothing this process holds or has
     fragmented counts), with this environment. fixed_mmap_threshold: with glibc's
@@ -351,6 +352,7 @@ def measure_step_fresh(
         optimizer=optimizer,
         device=device,
         threads=threads,
+        steps=steps,
     )
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
     if fixed_mmap_threshold:
