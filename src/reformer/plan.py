@@ -20,9 +20,9 @@ update), on top of the gradients, the optimiser state and a constant for the run
 one-off buffers. The figures are live memory: on CUDA what `torch.cuda.max_memory_allocated`
 would show (the caching allocator's rounding aside); on the CPU what peak RSS above the RSS
 before the step shows when RSS tracks live tensors, i.e. with glibc's mmap threshold fixed
-(MALLOC_MMAP_THRESHOLD_=65536). With glibc's default threshold, freed blocks under 32 MiB
-stay resident in the heap: RSS is then up to 2x the plan at 4K-16K tokens (d_model 256)
-and close to it once the (L, d_model) tensors pass 32 MiB (README, "reformer plan").
+(MALLOC_MMAP_THRESHOLD_=65536). With glibc's default threshold, freed blocks stay resident
+in the heap within a layer's backward pass: RSS is then 1.4-1.6x the plan at 8K-64K tokens
+(d_model 256; README, "reformer plan").
 `tests/test_plan.py` checks the prediction against measured steps; the README gives the error.
 """
 
