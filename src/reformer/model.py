@@ -68,6 +68,11 @@ def not_decodable(config: ReformerConfig | nn.Module) -> str | None:
     return None
 
 
+def _add_grads(acc: list[Tensor | None], new: list[Tensor | None]) -> list[Tensor | None]:
+    """Per-parameter sums of chunk gradients, None where a chunk did not reach a parameter."""
+    return [a if b is None else (b if a is None else a + b) for a, b in zip(acc, new)]
+
+
 class ReformerBlock(nn.Module):
     """One layer: F = attention, G = chunked feed-forward, each pre-normalised."""
 
@@ -172,7 +177,7 @@ class ReformerBlock(nn.Module):
                     outs, [xc, *local], [dh[:, :, sl] for dh in d_heads], allow_unused=True
                 )
             x_grad[:, sl] = dxc
-            sums = [a if b is None else (b if a is None else a + b) for a, b in zip(sums, dps)]
+            sums = _add_grads(sums, dps)
         own |= {id(p): gp for p, gp in zip(local, sums) if gp is not None}
         return f, x_grad, [own.get(id(p)) for p in params]
 
@@ -201,9 +206,7 @@ class ReformerBlock(nn.Module):
                 dxc, *dps = torch.autograd.grad(gc, [xc, *params], grad[:, sl], allow_unused=True)
             out[:, sl] = gc.detach()
             x_grad[:, sl] = dxc
-            param_grads = [
-                a if b is None else (b if a is None else a + b) for a, b in zip(param_grads, dps)
-            ]
+            param_grads = _add_grads(param_grads, dps)
         return out, x_grad, param_grads
 
 
