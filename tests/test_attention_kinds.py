@@ -75,3 +75,18 @@ def test_model_axial_default_parameter_count():
     cfg = ReformerConfig(d_model=64, max_seq_len=1000, n_layers=1, axial_shape=(10, 100))
     assert math.prod(cfg.resolved_axial_shape) == 1000
     assert ReformerLM(cfg).pos_emb(1000).shape == (1000, 64)
+
+
+@pytest.mark.parametrize("around", [(1, 1), (2, 1), (0, 2), (0, 0)])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("length", [27, 8])
+def test_encoder_local_matches_reference(around, shared, length):
+    """Non-causal local attention over `before` chunks before and `after` after its own."""
+    q, k, v, mask = _qkv(L=length, padded=True)
+    kk = None if shared else k
+    before, after = around
+    kw = dict(causal=False, attention_mask=mask, chunk_len=4)
+    kw |= dict(chunks_before=before, chunks_after=after)
+    out = local_attention(q, kk, v, **kw)
+    ref = dense_attention_reference(q, kk, v, **kw)
+    _check(out, ref, (q, k, v) if not shared else (q, v), mask)

@@ -204,3 +204,71 @@ def test_lsh_int64_pair_keys(mode, causal, monkeypatch):
     qk, v, mask = _inputs(2, 2, 29, 5, padded=True)
     rot = draw_rotations(2, 5, 2, 8, dtype=F64)
     _compare(qk, v, mask, rot, chunk_len=4, causal=causal, mode=mode)
+
+
+# Encoder layouts: chunks before and after the own one (non-causal chunk mode).
+AROUND = [(1, 1), (2, 1), (0, 2), (0, 0), (3, 2)]
+
+
+@pytest.mark.parametrize("around", AROUND)
+@pytest.mark.parametrize("n_hashes", [1, 3])
+@pytest.mark.parametrize("length", [29, 41])  # not multiples of the chunk
+def test_encoder_lsh_equals_union_reference(around, n_hashes, length):
+    """Non-causal LSH with `before` chunks before and `after` after each sorted chunk is
+    softmax over the union of those candidate sets: outputs and gradients, float64,
+    padding (left, right, a hole), odd lengths."""
+    qk, v, mask = _inputs(2, 2, length, 7, padded=True)
+    rot = draw_rotations(2, 7, n_hashes, 8, dtype=F64)
+    before, after = around
+    _compare(
+        qk, v, mask, rot, chunk_len=4, causal=False, mode="chunk",
+        chunks_before=before, chunks_after=after,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("around", [(1, 1), (2, 3)])
+def test_encoder_lsh_slices_and_groups(around, monkeypatch):
+    """Slices of 2 rows (a window then reaches past its slice on both sides, across rounds
+    and heads) and one head per group change nothing."""
+    from reformer.attention import chunked, lsh
+
+    before, after = around
+    W = (before + 1 + after) * 4
+    monkeypatch.setattr(lsh, "GROUP_ENTRIES", 1)
+    monkeypatch.setattr(chunked, "SLICE_ENTRIES", 2 * 4 * W)
+    qk, v, mask = _inputs(2, 3, 43, 5, padded=True)
+    rot = draw_rotations(3, 5, 2, 8, dtype=F64)
+    kw = dict(chunk_len=4, causal=False, mode="chunk", chunks_before=before, chunks_after=after)
+    _compare(qk, v, mask, rot, **kw)
+    monkeypatch.setattr(lsh, "GROUP_ENTRIES", 2 * 2 * 44 * 5)  # two heads per group
+    _compare(qk, v, mask, rot, **kw)
+
+
+def test_encoder_lsh_without_dedup_matches_round_reference():
+    """lsh_dedup=False with a wide window: each round a softmax over its own window,
+    combined by log-sum-exps (the round-by-round reference)."""
+    from reformer.attention.reference import lsh_rounds_reference
+
+    qk, v, mask = _inputs(2, 2, 37, 6, padded=True)
+    rot = draw_rotations(2, 6, 3, 8, dtype=F64)
+    kw = dict(chunk_len=4, causal=False, attention_mask=mask, chunks_before=2, chunks_after=1)
+    out = lsh_attention(qk, v, rot, mode="chunk", dedup=False, **kw)
+    ref = lsh_rounds_reference(qk, v, rot, wrap=False, **kw)
+    real = mask[:, None, :, None].to(F64)
+    assert (out - ref).mul(real).abs().max() < 1e-10
+    up = torch.randn_like(out) * real
+    for a, b in zip(torch.autograd.grad(out, (qk, v), up), torch.autograd.grad(ref, (qk, v), up)):
+        assert (a - b).abs().max() < 1e-10
+
+
+def test_encoder_lsh_sees_later_tokens():
+    """The layout is not causal: changing only the last token's value changes the outputs
+    of earlier tokens (two chunks, each seeing the other)."""
+    qk = torch.randn(1, 1, 16, 4, dtype=F64)
+    v = torch.randn(1, 1, 16, 4, dtype=F64)
+    rot = draw_rotations(1, 4, 1, 2, dtype=F64)  # 2 buckets: large shared chunks
+    kw = dict(chunk_len=8, causal=False, mode="chunk", chunks_before=1, chunks_after=1)
+    base = lsh_attention(qk, v, rot, **kw)
+    v2 = v.clone()
+    v2[0, 0, -1] += 1.0
+    assert (lsh_attention(qk, v2, rot, **kw) - base)[0, 0, :-1].abs().max() > 1e-6

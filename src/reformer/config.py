@@ -92,6 +92,13 @@ class ReformerConfig:
     (compiled for calls of >= 2^18 sorted slots, B * H * n_hashes * L, when a compiler is
     there; the environment variable REFORMER_LSH_KERNEL overrides it)."""
     causal: bool = True
+    """Causal (a language model: position i sees j <= i) or not (an encoder: every position
+    sees every other its attention kind offers)."""
+    chunks_before: int | None = None
+    """Neighbouring chunks before its own that each chunk of the LSH (chunk mode) and local
+    layers attends to; None: 1. Causal models attend to exactly the previous one."""
+    chunks_after: int | None = None
+    """Neighbouring chunks after its own; None: 0 for causal models, 1 for encoders."""
     reversible: bool = True
     """Reversible residual layers (True) or ordinary pre-norm residual layers (False)."""
     dropout: float = 0.0
@@ -163,6 +170,8 @@ class ReformerConfig:
         _check_int("local_chunk_len", self.local_chunk_len, 1, optional=True)
         _check_int("hash_seed", self.hash_seed, 0, optional=True)
         _check_int("pad_multiple", self.pad_multiple, 1, optional=True)
+        _check_int("chunks_before", self.chunks_before, 0, optional=True)
+        _check_int("chunks_after", self.chunks_after, 0, optional=True)
         _check_bool("lsh_wrap", self.lsh_wrap)
         _check_bool("lsh_dedup", self.lsh_dedup)
         _check_bool("attn_out_bias", self.attn_out_bias)
@@ -242,6 +251,18 @@ class ReformerConfig:
                 "causal=True; non-causal models use lsh_mode='chunk'"
             )
 
+        if self.causal and self.resolved_chunks != (1, 0):
+            raise ValueError(
+                f"ReformerConfig.chunks_before={self.chunks_before} and chunks_after="
+                f"{self.chunks_after}: causal models attend to their own chunk and the one "
+                "before it (the window mode and the decode cache rely on it); wider windows "
+                "are for encoders (causal=False). Leave both None"
+            )
+        if self.lsh_wrap and self.resolved_chunks != (1, 0):
+            raise ValueError(
+                f"ReformerConfig.lsh_wrap=True needs chunks_before=1 and chunks_after=0 (got "
+                f"{self.resolved_chunks}): the wrap is transformers' one-chunk look-back"
+            )
         if self.lsh_wrap and (self.resolved_lsh_mode != "chunk" or self.lsh_dedup):
             raise ValueError(
                 "ReformerConfig.lsh_wrap=True needs lsh_mode='chunk' and lsh_dedup=False "
@@ -302,6 +323,13 @@ class ReformerConfig:
         if self.lsh_mode is not None:
             return self.lsh_mode
         return "window" if self.causal else "chunk"
+
+    @property
+    def resolved_chunks(self) -> tuple[int, int]:
+        """(chunks_before, chunks_after) with None resolved: (1, 0) causal, (1, 1) encoders."""
+        before = 1 if self.chunks_before is None else self.chunks_before
+        after = self.chunks_after if self.chunks_after is not None else int(not self.causal)
+        return before, after
 
     @property
     def layer_kinds(self) -> tuple[str, ...]:

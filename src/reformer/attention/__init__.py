@@ -60,6 +60,7 @@ class Attention(nn.Module):
         self.key_norm = config.key_norm
         self.hash_seed = config.hash_seed
         self.pad_multiple = config.pad_multiple
+        self.chunks_before, self.chunks_after = config.resolved_chunks
         self.shared_qk = config.shared_qk_for(kind)
         inner = self.n_heads * self.head_dim
         if self.shared_qk:
@@ -163,6 +164,8 @@ class Attention(nn.Module):
                 wrap=self.lsh_wrap,
                 dedup=self.lsh_dedup,
                 key_norm=self.key_norm,
+                chunks_before=self.chunks_before,
+                chunks_after=self.chunks_after,
             )[:, :, :L]
         if self.kind == "local":
             return local_attention(
@@ -173,6 +176,8 @@ class Attention(nn.Module):
                 causal=self.causal,
                 attention_mask=attention_mask,
                 key_norm=self.key_norm,
+                chunks_before=self.chunks_before,
+                chunks_after=self.chunks_after,
             )
         return full_attention(
             q, k, v, causal=self.causal, attention_mask=attention_mask, key_norm=self.key_norm

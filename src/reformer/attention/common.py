@@ -48,23 +48,35 @@ def valid_positions(
     return valid
 
 
-def look_one_back(x: Tensor, dim: int = -2) -> Tensor:
-    """(..., N, C, ...) -> (..., N, 2C, ...): each chunk preceded by the chunk before it.
+def look_around(x: Tensor, before: int = 1, after: int = 0, dim: int = -2) -> Tensor:
+    """(..., N, C, ...) -> (..., N, (before + 1 + after) C, ...): each chunk preceded by the
+    `before` chunks before it and followed by the `after` chunks after it, in position order.
 
-    `dim` is the chunk-length dim; the chunk-index dim is the one before it. The first chunk
-    gets the last one (a wrap-around), which callers must mask.
+    `dim` is the chunk-length dim; the chunk-index dim is the one before it. Chunks past
+    either end wrap around (chunk -1 is the last one), which callers must mask
+    (`around_ok`).
     """
     dim = dim % x.dim()
-    return torch.cat([x.roll(1, dims=dim - 1), x], dim=dim)
+    parts = [x.roll(k, dims=dim - 1) for k in range(before, -after - 1, -1)]
+    return torch.cat(parts, dim=dim)
 
 
-def lookback_ok(rounds: int, n_chunks: int, chunk_len: int, device: torch.device) -> Tensor:
-    """(R * N, 1, 2C) bool layout mask for `look_one_back`: False on the look-back half of
-    each round's first chunk (whose wrap-around would reach into another round, or, with a
-    single chunk, duplicate the chunk's own keys)."""
-    ok = torch.ones(rounds, n_chunks, 1, 2 * chunk_len, dtype=torch.bool, device=device)
-    ok[:, 0, :, :chunk_len] = False
-    return ok.view(rounds * n_chunks, 1, 2 * chunk_len)
+def around_ok(
+    rounds: int,
+    n_chunks: int,
+    chunk_len: int,
+    device: torch.device,
+    before: int = 1,
+    after: int = 0,
+) -> Tensor:
+    """(R * N, 1, W C) bool layout mask for `look_around` (W = before + 1 + after): False
+    on the key blocks of chunks outside the round (a wrap-around would reach into another
+    round, or, with few chunks, duplicate the chunk's own keys)."""
+    chunk = torch.arange(n_chunks, device=device)[:, None]  # (N, 1)
+    offset = torch.arange(-before, after + 1, device=device)  # (W,)
+    inside = ((chunk + offset) >= 0) & ((chunk + offset) < n_chunks)  # (N, W)
+    ok = inside.repeat_interleave(chunk_len, dim=1)[:, None, :]  # (N, 1, W C)
+    return ok.repeat(rounds, 1, 1)
 
 
 def unit_keys(qk: Tensor, norm: str = "l2") -> Tensor:

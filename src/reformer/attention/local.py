@@ -1,7 +1,9 @@
-"""Local attention: each chunk of C positions attends to itself and the chunk before it.
+"""Local attention: each chunk of C positions attends to itself, the `before` chunks
+before it and the `after` chunks after it (1 and 0 for causal models: the previous chunk).
 
 Legend: B batch, H heads, L length, Lp padded length, D head dim, C chunk length,
-N = Lp / C chunks. The authors' enwik8 model interleaves it with LSH layers.
+N = Lp / C chunks, W = (before + 1 + after) C keys per chunk. The authors' enwik8 model
+interleaves it with LSH layers.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from .chunked import chunk_attention
 from .common import (
     MASK_SCORE,
     SELF_SCORE,
-    look_one_back,
-    lookback_ok,
+    around_ok,
+    look_around,
     pad_to,
     padded_length,
     unit_keys,
@@ -34,8 +36,10 @@ def local_attention(
     causal: bool,
     attention_mask: Tensor | None = None,
     key_norm: str = "l2",
+    chunks_before: int = 1,
+    chunks_after: int = 0,
 ) -> Tensor:
-    """Chunked local attention over the own and the previous chunk.
+    """Chunked local attention over the own chunk and its neighbours.
 
     Args:
         q: (B, H, L, D) queries (the shared query-keys when `k` is None).
@@ -46,6 +50,8 @@ def local_attention(
         causal: keep only j <= i.
         attention_mask: optional (B, L), True/1 at real tokens.
         key_norm: shared-QK keys' normalisation, "l2" or "rms" (`common.unit_keys`).
+        chunks_before, chunks_after: how many neighbouring chunks on each side a chunk
+            attends to (chunks past the sequence's ends are masked, never wrapped).
     Returns:
         (B, H, L, D).
     """
@@ -55,29 +61,31 @@ def local_attention(
     N = Lp // C
     shared = k is None
     keys = unit_keys(q, key_norm) if shared else k * (1.0 / math.sqrt(D))
+    nb, na = chunks_before, chunks_after
+    W = (nb + 1 + na) * C
     q_c = pad_to(q, Lp, 2).view(B, H, N, C, D)
-    k_c = look_one_back(pad_to(keys, Lp, 2).view(B, H, N, C, D), dim=-2)  # (B, H, N, 2C, D)
-    v_c = look_one_back(pad_to(v, Lp, 2).view(B, H, N, C, D), dim=-2)
+    k_c = look_around(pad_to(keys, Lp, 2).view(B, H, N, C, D), nb, na, dim=-2)  # (B, H, N, W, D)
+    v_c = look_around(pad_to(v, Lp, 2).view(B, H, N, C, D), nb, na, dim=-2)
 
     pos = torch.arange(Lp, device=q.device).view(N, C)
     q_pos = pos[:, :, None]  # (N, C, 1)
-    k_pos = look_one_back(pos, dim=-1)[:, None, :]  # (N, 1, 2C); chunk 0 wraps around
-    allowed = lookback_ok(1, N, C, q.device)  # (N, 1, 2C)
+    k_pos = look_around(pos, nb, na, dim=-1)[:, None, :]  # (N, 1, W); ends wrap around
+    allowed = around_ok(1, N, C, q.device, nb, na)  # (N, 1, W): the wraps masked
     if causal:
         allowed = allowed & (k_pos <= q_pos)
     valid = valid_positions(B, L, Lp, attention_mask, q.device).view(B, N, C)
-    k_valid = look_one_back(valid, dim=-1)[:, None, :, None, :]  # (B, 1, N, 1, 2C)
-    allowed = allowed & k_valid  # (B, 1, N, C, 2C)
+    k_valid = look_around(valid, nb, na, dim=-1)[:, None, :, None, :]  # (B, 1, N, 1, W)
+    allowed = allowed & k_valid  # (B, 1, N, C, W)
 
     # int8 codes for the shared core: 0 masked, 1 candidate, 2 the token itself (shared QK)
-    code = allowed.expand(B, H, N, C, 2 * C).to(torch.int8)
+    code = allowed.expand(B, H, N, C, W).to(torch.int8)
     if shared:
         code = code + (allowed & (q_pos == k_pos)).to(torch.int8)
     dtype = upcast(q[:1, :1, :1, :1]).dtype
     lut = torch.tensor([MASK_SCORE, 0.0, SELF_SCORE], dtype=dtype, device=q.device)
     M = B * H * N
     out, _ = chunk_attention(
-        q_c.reshape(M, C, D), k_c.reshape(M, 2 * C, D), v_c.reshape(M, 2 * C, D),
-        code.reshape(M, C, 2 * C), lut,
+        q_c.reshape(M, C, D), k_c.reshape(M, W, D), v_c.reshape(M, W, D),
+        code.reshape(M, C, W), lut,
     )  # fmt: skip
     return out.view(B, H, Lp, D)[:, :, :L]

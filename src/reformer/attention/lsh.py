@@ -5,7 +5,8 @@ R hash rounds, K buckets, C chunk length, N = Lp / C chunks per round, S = R * L
 
 The candidate set S_r(i) of query i in round r:
   - mode "chunk" (the paper's): every j in i's sorted chunk or the previous chunk *of the
-    same round*;
+    same round* (encoders: the `before` chunks before it and the `after` chunks after it,
+    1 and 1 by default; W = (before + 1 + after) C keys per chunk row);
   - mode "window" (strictly causal): j in i's bucket among its C nearest earlier
     bucket-mates. The sorted chunk + one-back layout always covers it, and it depends on
     positions <= i only, so no future token can move it.
@@ -16,9 +17,9 @@ the union of the candidate sets (`reference.lsh_attention_reference` builds that
 
 The core (`_LSHCore`) is one autograd function. Heads are sorted in groups (bounded
 memory whatever B * H is); rows of chunks are processed in slices of about 2^21 scores:
-  - each slice gathers its queries, and its keys and values with the C slots before it,
-    into reused buffers; the (chunk, previous chunk) key and value windows are overlapping
-    strided views of them, never copies;
+  - each slice gathers its queries, and its keys and values with the before * C slots
+    before it and the after * C slots after it, into reused buffers; the key and value
+    windows are overlapping strided views of them, never copies;
   - an int8 code per (query, key) pair of the window layout says 0 if j is not in S_r(i),
     else N_ij. Window mode computes codes on the band of C + 1 keys that can qualify only;
   - the backward pass keeps only the codes, the sort order, the output and two numbers per
@@ -77,6 +78,8 @@ def lsh_attention(
     wrap: bool = False,
     dedup: bool = True,
     key_norm: str = "l2",
+    chunks_before: int = 1,
+    chunks_after: int = 0,
 ) -> Tensor:
     """Shared-QK LSH attention.
 
@@ -97,12 +100,18 @@ def lsh_attention(
         dedup: subtract log N_ij from the scores (the union semantics); False: the rounds
             are combined by their log-sum-exps only.
         key_norm: "l2" or "rms" (`common.unit_keys`).
+        chunks_before, chunks_after: (chunk mode) the neighbouring chunks of the same round a
+            sorted chunk attends to, on each side; 1 and 0 for causal models (the paper's
+            layout), any counts for non-causal ones.
     Returns:
         (B, H, L, D). Outputs at padded positions are finite but meaningless.
     """
     assert mode in ("window", "chunk"), mode
     assert causal or mode == "chunk", "window mode is strictly causal: it needs causal=True"
     assert not wrap or (mode == "chunk" and not dedup), "wrap needs chunk mode without dedup"
+    around = (chunks_before, chunks_after)
+    assert around == (1, 0) or (mode == "chunk" and not wrap), "wider windows: chunk mode, no wrap"
+    assert not causal or chunks_after == 0, "a causal model attends to no later chunk"
     B, H, L, _ = qk.shape
     C = chunk_len
     R = rotations[0].shape[2]
@@ -119,7 +128,7 @@ def lsh_attention(
     keys = unit_keys(qk, key_norm)
     fused = tiles.resolve_kernel(kernel, B * H * R * Lp, qk.device)
     kernels = (fused, kernel != "compiled")
-    layout = _Layout(C, mode, causal, wrap and Lp > C, dedup)
+    layout = _Layout(C, mode, causal, wrap and Lp > C, dedup, chunks_before, chunks_after)
     out = _LSHCore.apply(qk, keys, v, buckets.reshape(B * H, R, Lp), K, layout, kernels)
     return out[:, :, :L]
 
@@ -137,31 +146,40 @@ def _head_rows(heads: slice, Lp: int, H: int, device: torch.device) -> Tensor:
     return (((hr // H) * Lp + pos) * H + hr % H).view(-1)
 
 
-def _windows(buf: Tensor, rows: int, chunk_len: int) -> Tensor:
-    """(rows, 2C, D) overlapping view of a (C + rows C, D) buffer of sorted slots that starts
-    with the C slots before its first chunk: window m is buffer slots [mC, mC + 2C)."""
+def _windows(buf: Tensor, rows: int, chunk_len: int, width: int) -> Tensor:
+    """(rows, W, D) overlapping view of a buffer of sorted slots that starts with the
+    before * C slots before its first chunk: window m is buffer slots [mC, mC + W)."""
     D = buf.shape[-1]
-    return _strided(buf, shape=(rows, 2 * chunk_len, D), strides=(chunk_len * D, D, 1), at=0)
+    return _strided(buf, shape=(rows, width, D), strides=(chunk_len * D, D, 1), at=0)
 
 
-def _with_filler(x: Tensor, chunk_len: int, value: int | float = 0) -> Tensor:
-    """x (S, ...) -> (C + S, ...) with C filler slots in front (the look-back of row 0)."""
-    buf = x.new_empty((chunk_len + x.shape[0], *x.shape[1:]))
-    buf[:chunk_len] = value
-    buf[chunk_len:] = x
+def _with_filler(x: Tensor, front: int, back: int = 0, value: int | float = 0) -> Tensor:
+    """x (S, ...) -> (front + S + back, ...) with filler slots at both ends (the windows of
+    the first and last rows reach into them)."""
+    buf = x.new_empty((front + x.shape[0] + back, *x.shape[1:]))
+    buf[:front] = value
+    buf[front : front + x.shape[0]] = x
+    buf[front + x.shape[0] :] = value
     return buf
 
 
 @dataclass(frozen=True)
 class _Layout:
     """How the sorted chunks attend: chunk length, mode, causality, look-back wrap (only
-    with more than one chunk per round), duplicate correction."""
+    with more than one chunk per round), duplicate correction, neighbouring chunks."""
 
     chunk_len: int
     mode: str
     causal: bool
     wrap: bool
     dedup: bool
+    before: int = 1
+    after: int = 0
+
+    @property
+    def width(self) -> int:
+        """W: keys per chunk row."""
+        return (self.before + 1 + self.after) * self.chunk_len
 
 
 def _row_slices(G: int, rows_per_head: int, per_row: int, wrap: bool) -> list[slice]:
@@ -177,14 +195,21 @@ def _row_slices(G: int, rows_per_head: int, per_row: int, wrap: bool) -> list[sl
     ]
 
 
-def _lookback(src: Tensor, sl: slice, rows_per_head: int, S: int, C: int, wrap: bool):
-    """The sorted slots a slice's first row looks back at: None (filler, the group's start),
-    "before" (the C slots before the slice) or an index tensor (C,) (the wrap of a head's
-    first row: the head's last C slots)."""
-    a = sl.start * C
+def _wrapped(src: Tensor, sl: slice, rows_per_head: int, S: int, C: int, wrap: bool):
+    """With the wrap, the sorted slots (C,) a head's first row looks back at (the head's
+    last C slots) when the slice starts a head; else None (the slots before the slice)."""
     if wrap and sl.start % rows_per_head == 0:
+        a = sl.start * C
         return src[a + S - C : a + S]
-    return None if a == 0 else "before"
+    return None
+
+
+def _key_range(a: int, n: int, total: int, layout: _Layout) -> tuple[int, int, int]:
+    """The sorted slots [lo, hi) of a slice's key buffer that exist (the rest is filler)
+    and the buffer index of slot lo; the buffer covers slots [a - before C, a + n + after C)."""
+    start = a - layout.before * layout.chunk_len
+    lo, hi = max(start, 0), min(a + n + layout.after * layout.chunk_len, total)
+    return lo, hi, lo - start
 
 
 @torch.no_grad()
@@ -193,7 +218,7 @@ def _group_layout(
 ) -> tuple[Tensor, Tensor]:
     """Sort a group of G heads and write their pair codes.
 
-    buckets: (G, R, Lp), padding in bucket K = n_buckets. codes: (G * R * N, C, 2C) int8,
+    buckets: (G, R, Lp), padding in bucket K = n_buckets. codes: (G * R * N, C, W) int8,
     written: 0 if key j of the row's window is not in S_r(i), else N_ij (1 without dedup).
     Returns src (G * S,): the row of (G * Lp) each sorted slot reads, and undo (G * R * Lp,):
     the sorted slot of each (head, round, position). Slots are ordered by (head, round,
@@ -215,31 +240,34 @@ def _group_layout(
     undo[order] = torch.arange(order.numel(), device=device)
     real_s = (buckets != K).view(-1)[order]  # (G * S,) the slot holds a real token
 
-    # e(x) per round: j is in S_r(i) exactly when 0 <= e_r(i) - e_r(j) <= T.
-    #   chunk:  e = chunk index in sorted order, T = 1;
-    #   window: e = sorted slot + bucket id * (C + 1), T = C: the slots of one bucket are
-    #           consecutive, and the spacing puts different buckets more than C apart.
+    # e(x) per round: j is in S_r(i) exactly when lo <= e_r(i) - e_r(j) <= hi.
+    #   chunk:  e = chunk index in sorted order, [lo, hi] = [-after, before];
+    #   window: e = sorted slot + bucket id * (C + 1), [lo, hi] = [0, C]: the slots of one
+    #           bucket are consecutive, and the spacing puts different buckets more than C
+    #           apart.
     slot = torch.arange(G * S, device=device)
     if mode == "chunk":
-        e_slot, T = slot.div(C, rounding_mode="floor"), 1
+        e_slot, lo, hi = slot.div(C, rounding_mode="floor"), -layout.after, layout.before
     else:
-        e_slot, T = slot + rb_s * (C + 1), C
+        e_slot, lo, hi = slot + rb_s * (C + 1), 0, C
     e_tok = e_slot[undo].view(G, R, Lp)  # e of each (head, round, position)
     # e of every round for the token in each sorted slot, doubled so that one test suffices:
-    # 0 <= d <= T  <=>  |2 d - T| <= T.
+    # lo <= d <= hi  <=>  |2 d - (lo + hi)| <= T = hi - lo.
     # (R, G * S); int32 halves the memory traffic of the counting passes when e fits in it
     small = int(e_slot.max()) < INT32_KEYS_BELOW
     e_all = (2 * e_tok).transpose(0, 1).reshape(R, G * Lp)[:, src]
     e_all = e_all.to(torch.int32) if small else e_all
-    e_q = e_all - T
-    e_k = torch.cat([e_all.new_zeros(R, C), e_all], dim=1)  # with filler slots
+    e_q, T = e_all - (lo + hi), hi - lo
+    P, Q, W = layout.before * C, layout.after * C, layout.width
+    e_k = torch.cat([e_all.new_zeros(R, P), e_all, e_all.new_zeros(R, Q)], dim=1)  # fillers
 
-    rows = G * R * (Lp // C)
+    N = Lp // C
+    rows = G * R * N
     if mode == "window":
         # Candidates sit in a band of the (C, 2C) layout: query c, key c + t, t = 0..C (the C
         # nearest earlier slots and itself). Same-bucket keys in it are earlier positions.
         q_id = torch.where(real_s, rb_s, -2).to(e_all.dtype)  # padded queries match nothing
-        k_id = _with_filler(rb_s.to(e_all.dtype), C, -1)
+        k_id = _with_filler(rb_s.to(e_all.dtype), C, value=-1)
         codes.zero_()
         for sl in row_slices(rows, C * (C + 1)):
             m, a = sl.stop - sl.start, sl.start * C
@@ -253,23 +281,26 @@ def _group_layout(
         return src, undo
 
     pos_sorted = pos.to(torch.int32).reshape(-1)[order]
-    pos_s = _with_filler(pos_sorted, C)
-    k_real = _with_filler(real_s, C, False)
-    back_half = torch.arange(2 * C, device=device) < C
-    for sl in row_slices(rows, C * 2 * C):
+    pos_s = _with_filler(pos_sorted, P, Q)
+    k_real = _with_filler(real_s, P, Q, False)
+    back_half = torch.arange(W, device=device) < C
+    block = torch.arange(W, device=device).div(C, rounding_mode="floor") - layout.before
+    for sl in row_slices(rows, C * W):
         m, a = sl.stop - sl.start, sl.start * C
 
-        # (C + G*S,) -> (m, 1, 2C): x[a + mC + w], the keys of the window
-        window = functools.partial(_strided, shape=(m, 1, 2 * C), strides=(C, 0, 1), at=a)
-        q_pos = pos_s[C + a : C + a + m * C].view(m, C, 1)
+        # (P + G*S + Q,) -> (m, 1, W): x[a + mC + w], the keys of the window
+        window = functools.partial(_strided, shape=(m, 1, W), strides=(C, 0, 1), at=a)
+        q_pos = pos_s[P + a : P + a + m * C].view(m, C, 1)
         ok = real_s[a : a + m * C].view(m, C, 1) & window(k_real)
         if layout.wrap:
             # Another round's copy of the query itself (only a look-back can hold one) is
             # dropped: transformers gives it the self score, which adds exactly nothing.
             ok = ok & ~(back_half & (window(pos_s) == q_pos))
         else:
-            first = (torch.arange(sl.start, sl.stop, device=device) % (Lp // C)) == 0
-            ok = ok & ~(first[:, None, None] & back_half)  # no look-back past a round's start
+            # No window crosses a round's ends: block b of row n (chunk n % N of its round)
+            # holds chunk n % N + b, which must lie in 0..N-1.
+            n_r = (torch.arange(sl.start, sl.stop, device=device) % N)[:, None] + block
+            ok = ok & ((n_r >= 0) & (n_r < N))[:, None, :]
         if causal:
             ok = ok & (window(pos_s) <= q_pos)
         count = _count_rounds(e_q, e_k, a, m, C, T, window) if count_rounds else ok.to(torch.int8)
@@ -283,7 +314,7 @@ def _group_layout(
         ok = real_s[first_q][:, :, None] & real_s[last_k][:, None, :] & (k_pos != q_pos)
         if causal:
             ok = ok & (k_pos <= q_pos)
-        codes[torch.arange(G, device=device) * (R * (Lp // C)), :, :C] = ok.to(torch.int8)
+        codes[torch.arange(G, device=device) * (R * N), :, :C] = ok.to(torch.int8)
     return src, undo
 
 
@@ -306,7 +337,7 @@ class _LSHCore(torch.autograd.Function):
     """q, k (unit keys), v: (B, H, Lp, D); buckets (B * H, R, Lp) -> out (B, H, Lp, D).
 
     Each slice of chunk rows gathers its own queries, keys and values (the keys and values
-    with the C slots before the slice, the look-back of its first row) into small reused
+    with the before * C slots before the slice and the after * C after it) into small reused
     buffers, so the sorted copies never exist whole; the backward pass adds each slice's
     gradients straight back to the positions (index_add_). Every per-slice and per-group
     tensor lives in a buffer allocated once per call (`_SliceBuffers`)."""
@@ -318,7 +349,8 @@ class _LSHCore(torch.autograd.Function):
         C, S = layout.chunk_len, R * Lp
         N = Lp // C
         stat = upcast(q[:1, :1, :1]).dtype
-        codes = torch.empty(BH * R * N, C, 2 * C, dtype=torch.int8, device=q.device)
+        W = layout.width
+        codes = torch.empty(BH * R * N, C, W, dtype=torch.int8, device=q.device)
         src = torch.empty(BH * S, dtype=torch.long, device=q.device)  # slot -> row of q
         out = q.new_empty(B, Lp, H, D)  # returned as its (B, H, Lp, D) transpose
         # Per sorted slot: the row maximum and exp(lse_r - LSE) / total_r, so that the backward
@@ -327,7 +359,7 @@ class _LSHCore(torch.autograd.Function):
         top_all = torch.empty(BH * S, dtype=stat, device=q.device)
         scale_all = torch.empty(BH * S, dtype=stat, device=q.device)
         q_f, k_f, v_f = (_rows(x) for x in (q, k, v))
-        bufs = _SliceBuffers(q_f, C, BH * R * N, stat)
+        bufs = _SliceBuffers(q_f, layout, BH * R * N, stat)
         groups = row_slices(BH, S * D, GROUP_ENTRIES)
         G_max = groups[0].stop - groups[0].start
         o_all = q.new_empty(G_max * S, D)  # per sorted slot: its round's output
@@ -341,10 +373,10 @@ class _LSHCore(torch.autograd.Function):
             src_g = rows_g[src_g]
             src[flat] = src_g
             o_s, top_s, total_s = o_all[: G * S], top_all[flat], total_all[: G * S]
-            for sl in _row_slices(G, R * N, C * 2 * C, layout.wrap):
+            for sl in _row_slices(G, R * N, C * W, layout.wrap):
                 m, a = sl.stop - sl.start, sl.start * C
                 n = m * C
-                back = _lookback(src_g, sl, R * N, S, C, layout.wrap)
+                back = _wrapped(src_g, sl, R * N, S, C, layout.wrap)
                 qt, kw, vw = bufs.gather(q_f, k_f, v_f, src_g, a, m, back)
                 s = bufs.scores(0, qt, kw)
                 p = tiles.run(
@@ -352,7 +384,7 @@ class _LSHCore(torch.autograd.Function):
                     "forward",
                     s,
                     codes[rows][sl],
-                    C,
+                    layout.before * C,
                     top_s[a : a + n].view(m, C),
                     total_s[a : a + n].view(m, C),
                 )
@@ -386,23 +418,25 @@ class _LSHCore(torch.autograd.Function):
         R = codes.shape[0] // (B * H * (Lp // C))
         BH, S, N = B * H, R * Lp, Lp // C
         stat = top_all.dtype
+        W = layout.width
         # dS = P * (dO . v_j - dO . O): the softmax backward over the union.
         dot = _rows((upcast(d_out) * upcast(out)).sum(-1, keepdim=True)).view(-1)
         q_f, k_f, v_f, do_f = (_rows(x) for x in (q, k, v, d_out))
         dq, dk, dv = (
             torch.zeros_like(x, memory_format=torch.contiguous_format) for x in (q_f, k_f, v_f)
         )
-        bufs = _SliceBuffers(q_f, C, BH * R * N, stat)
-        do_t, dq_t, dk_t, dv_t = bufs.new(0), bufs.new(0), bufs.new(C), bufs.new(C)
+        bufs = _SliceBuffers(q_f, layout, BH * R * N, stat)
+        around = W - C  # the key slots a buffer holds besides the slice's own
+        do_t, dq_t, dk_t, dv_t = bufs.new(0), bufs.new(0), bufs.new(around), bufs.new(around)
         dot_t = dot.new_empty(bufs.max_rows * C)
         for g in row_slices(BH, S * D, GROUP_ENTRIES):
             rows = slice(g.start * R * N, g.stop * R * N)
             flat = slice(g.start * S, g.stop * S)
             src_g, top_s, scale_s, code_g = src[flat], top_all[flat], scale_all[flat], codes[rows]
-            for sl in _row_slices(g.stop - g.start, R * N, C * 2 * C, layout.wrap):
+            for sl in _row_slices(g.stop - g.start, R * N, C * W, layout.wrap):
                 m, a = sl.stop - sl.start, sl.start * C
                 n, idx = m * C, src_g[a : a + m * C]
-                back = _lookback(src_g, sl, R * N, S, C, layout.wrap)
+                back = _wrapped(src_g, sl, R * N, S, C, layout.wrap)
                 qt, kw, vw = bufs.gather(q_f, k_f, v_f, src_g, a, m, back)
                 do = torch.index_select(do_f, 0, idx, out=do_t[:n]).view(m, C, D)
                 s, dp = bufs.scores(0, qt, kw), bufs.scores(1, do, vw)
@@ -411,7 +445,7 @@ class _LSHCore(torch.autograd.Function):
                     "backward",
                     s,
                     code_g[sl],
-                    C,
+                    layout.before * C,
                     top_s[a : a + n].view(m, C),
                     scale_s[a : a + n].view(m, C),
                     dp,
@@ -419,62 +453,65 @@ class _LSHCore(torch.autograd.Function):
                 )
                 ds, p = ds.to(q.dtype), p.to(v.dtype)
                 dq.index_add_(0, idx, torch.bmm(ds, kw, out=dq_t[:n].view(m, C, D)).view(n, D))
-                # Keys and values of the window: the first C belong to the previous chunk.
+                # Keys and values of the windows: block b of every window is buffer slots
+                # [bC, bC + n) of the slice's key buffer, so one bmm per block adds them all.
                 for grad, buf, x, y in ((dk, dk_t, ds, qt), (dv, dv_t, p, do)):
-                    buf = buf[: C + n]
-                    buf[:C].zero_()
-                    torch.bmm(x[:, :, C:].transpose(1, 2), y, out=buf[C:].view(m, C, D))
-                    buf[:n].view(m, C, D).baddbmm_(x[:, :, :C].transpose(1, 2), y)
-                    if back is None:  # the look-back of the group's first row is filler
-                        grad.index_add_(0, idx, buf[C:])
-                    elif isinstance(back, str):  # the C slots before the slice
-                        grad.index_add_(0, src_g[a - C : a + n], buf)
-                    else:  # the wrap: the head's last C slots
+                    buf = buf[: around + n]
+                    buf.zero_()
+                    for b in range(W // C):
+                        blk = x[:, :, b * C : (b + 1) * C].transpose(1, 2)
+                        buf[b * C : b * C + n].view(m, C, D).baddbmm_(blk, y)
+                    if back is not None:  # the wrap: the head's last C slots
                         grad.index_add_(0, back, buf[:C])
                         grad.index_add_(0, idx, buf[C:])
+                    else:  # the slots around the slice that exist (the rest is filler)
+                        lo, hi, at = _key_range(a, n, src_g.numel(), layout)
+                        grad.index_add_(0, src_g[lo:hi], buf[at : at + hi - lo])
         dq, dk, dv = (x.view(B, Lp, H, D).transpose(1, 2) for x in (dq, dk, dv))
         return dq, dk, dv, None, None, None, None
 
 
 class _SliceBuffers:
     """Reused per-slice buffers: a slice's queries (m C, D), and its keys and values with the
-    C slots before it (C + m C, D), gathered in sorted order; two (m, C, 2C) score tiles."""
+    slots around it (W - C + m C, D), gathered in sorted order; two (m, C, W) score tiles."""
 
-    def __init__(self, like: Tensor, chunk_len: int, rows: int, stat: torch.dtype) -> None:
-        self.like, self.C = like, chunk_len
-        self.max_rows = min(rows, slice_rows(chunk_len * 2 * chunk_len))
-        self.qt, self.kt, self.vt = self.new(0), self.new(chunk_len), self.new(chunk_len)
-        C = chunk_len
+    def __init__(self, like: Tensor, layout: _Layout, rows: int, stat: torch.dtype) -> None:
+        C, W = layout.chunk_len, layout.width
+        self.like, self.C, self.layout = like, C, layout
+        self.max_rows = min(rows, slice_rows(C * W))
+        self.qt, self.kt, self.vt = self.new(0), self.new(W - C), self.new(W - C)
         # bmm writes straight into the tiles when it computes in their dtype (else upcast)
         self.tiles = [
-            like.new_empty(self.max_rows, C, 2 * C) if like.dtype == stat else None
-            for _ in range(2)
+            like.new_empty(self.max_rows, C, W) if like.dtype == stat else None for _ in range(2)
         ]
 
     def new(self, extra: int) -> Tensor:
         return self.like.new_empty(extra + self.max_rows * self.C, self.like.shape[-1])
 
     def scores(self, which: int, a: Tensor, b: Tensor) -> Tensor:
-        """a (m, C, D) @ b (m, 2C, D)^T into score tile `which` (in the statistics dtype)."""
+        """a (m, C, D) @ b (m, W, D)^T into score tile `which` (in the statistics dtype)."""
         tile = self.tiles[which]
         if tile is None:
             return upcast(torch.bmm(a, b.transpose(1, 2)))
         return torch.bmm(a, b.transpose(1, 2), out=tile[: a.shape[0]])
 
     def gather(self, q_f: Tensor, k_f: Tensor, v_f: Tensor, src: Tensor, a: int, m: int, back):
-        """Slots [a, a + m C) of `src`: queries (m, C, D); key and value windows (m, 2C, D).
-        back (`_lookback`): what the first row looks back at."""
-        C, D, n = self.C, q_f.shape[-1], m * self.C
+        """Slots [a, a + m C) of `src`: queries (m, C, D); key and value windows (m, W, D).
+        back (`_wrapped`): the slots a head's first row looks back at, or None."""
+        C, D, n, layout = self.C, q_f.shape[-1], m * self.C, self.layout
         qt = torch.index_select(q_f, 0, src[a : a + n], out=self.qt[:n]).view(m, C, D)
+        lo, hi, at = _key_range(a, n, src.numel(), layout)
+        size = layout.width - C + n
         windows = []
         for x, buf in ((k_f, self.kt), (v_f, self.vt)):
-            if isinstance(back, str):  # the C slots before: one gather
-                torch.index_select(x, 0, src[a - C : a + n], out=buf[: C + n])
-            else:
-                if back is None:  # filler (its pairs are not candidates)
-                    buf[:C].zero_()
-                else:
-                    torch.index_select(x, 0, back, out=buf[:C])
+            if back is not None:  # the wrap (before 1, after 0): the head's last C slots
+                torch.index_select(x, 0, back, out=buf[:C])
                 torch.index_select(x, 0, src[a : a + n], out=buf[C : C + n])
-            windows.append(_windows(buf, m, C))
+            else:
+                # Filler where the windows reach past the group's ends: zeros, whose pairs
+                # are never candidates (their codes are 0).
+                buf[:at].zero_()
+                torch.index_select(x, 0, src[lo:hi], out=buf[at : at + hi - lo])
+                buf[at + hi - lo : size].zero_()
+            windows.append(_windows(buf, m, C, layout.width))
         return qt, windows[0], windows[1]

@@ -51,13 +51,20 @@ def hash_reference(qk: Tensor, rotations: tuple[Tensor, ...]) -> Tensor:
 
 
 def lsh_candidate_sets(
-    buckets: Tensor, valid: Tensor, *, chunk_len: int, causal: bool, mode: str
+    buckets: Tensor,
+    valid: Tensor,
+    *,
+    chunk_len: int,
+    causal: bool,
+    mode: str,
+    chunks_before: int = 1,
+    chunks_after: int = 0,
 ) -> Tensor:
     """S_r(i) as a dense bool (B, H, R, L, L) [.., i, j] from the buckets (B, H, R, L).
 
     chunk:  sort by (bucket, position) with padded positions in a bucket after all others,
-            cut into chunks of chunk_len; j is a candidate of i when j's chunk is i's or the
-            one before it.
+            cut into chunks of chunk_len; j is a candidate of i when j's chunk is i's, one
+            of the chunks_before before it or one of the chunks_after after it.
     window: j shares i's bucket and is i or one of i's chunk_len nearest earlier
             bucket-mates.
     Then: j must be a real token, and j <= i when causal.
@@ -75,7 +82,8 @@ def lsh_candidate_sets(
                     rank = torch.empty_like(order)
                     rank[order] = pos
                     chunk = rank // chunk_len
-                    s = (chunk[None, :] == chunk[:, None]) | (chunk[None, :] == chunk[:, None] - 1)
+                    d = chunk[None, :] - chunk[:, None]  # [i, j]: j's chunk minus i's
+                    s = (d >= -chunks_before) & (d <= chunks_after)
                 else:
                     same = bk[:, None] == bk[None, :]
                     # nth: how many earlier positions share my bucket (my rank in the bucket)
@@ -98,6 +106,8 @@ def lsh_attention_reference(
     causal: bool,
     mode: str,
     attention_mask: Tensor | None = None,
+    chunks_before: int = 1,
+    chunks_after: int = 0,
 ) -> Tensor:
     """Softmax over the union of the rounds' candidate sets, each pair counted once.
 
@@ -106,7 +116,13 @@ def lsh_attention_reference(
     B, _H, L, _ = qk.shape
     valid = _valid(attention_mask, B, L, qk.device)
     sets = lsh_candidate_sets(
-        hash_reference(qk, rotations), valid, chunk_len=chunk_len, causal=causal, mode=mode
+        hash_reference(qk, rotations),
+        valid,
+        chunk_len=chunk_len,
+        causal=causal,
+        mode=mode,
+        chunks_before=chunks_before,
+        chunks_after=chunks_after,
     )
     union = sets.any(dim=2)  # (B, H, L, L)
     scores = qk @ _unit(qk).transpose(-1, -2)
@@ -123,9 +139,11 @@ def dense_attention_reference(
     causal: bool,
     attention_mask: Tensor | None = None,
     chunk_len: int | None = None,
+    chunks_before: int = 1,
+    chunks_after: int = 0,
 ) -> Tensor:
-    """Full attention, or local attention when `chunk_len` is given (j in i's chunk or the
-    previous chunk). `k=None` means shared QK: unit keys, no 1/sqrt(D), self score
+    """Full attention, or local attention when `chunk_len` is given (j's chunk is i's, one
+    of the chunks_before before it or one of the chunks_after after it). `k=None` means shared QK: unit keys, no 1/sqrt(D), self score
     SELF_SCORE. (B, H, L, D) -> (B, H, L, D); rows of padded queries are 0."""
     B, H, L, D = q.shape
     pos = torch.arange(L, device=q.device)
@@ -134,7 +152,7 @@ def dense_attention_reference(
         allowed = allowed & (pos[None, :] <= pos[:, None])
     if chunk_len is not None:
         ci, cj = pos[:, None] // chunk_len, pos[None, :] // chunk_len
-        allowed = allowed & ((cj == ci) | (cj == ci - 1))
+        allowed = allowed & (cj - ci >= -chunks_before) & (cj - ci <= chunks_after)
     if k is None:
         scores = q @ _unit(q).transpose(-1, -2)
         scores = scores.masked_fill(torch.eye(L, dtype=torch.bool, device=q.device), SELF_SCORE)
@@ -160,6 +178,8 @@ def lsh_rounds_reference(
     wrap: bool,
     attention_mask: Tensor | None = None,
     key_norm: str = "l2",
+    chunks_before: int = 1,
+    chunks_after: int = 0,
 ) -> Tensor:
     """The chunk layout without duplicate correction, round by round: transformers' and
     trax's semantics (lsh_dedup=False), with or without their look-back wrap.
@@ -168,7 +188,8 @@ def lsh_rounds_reference(
     user's) in a bucket after all others, and cut into chunks; the rounds are laid end to
     end. A query attends to its chunk and the chunk before it in that concatenation: with
     `wrap` cyclically (a round's first chunk sees the previous round's last, round 0's the
-    last round's), without it not across a round's start. A sequence of one chunk has no
+    last round's), without it not across a round's start. Without `wrap`, chunks_before and
+    chunks_after widen the window to that many chunks on each side, within the round. A sequence of one chunk has no
     look-back. Per query and round: softmax over its window, a key there twice counted
     twice, j == i scored SELF_SCORE; then the rounds weighted by their log-sum-exps.
     (B, H, L, D) x2 -> (B, H, L, D); rows of padded queries are meaningless.
@@ -203,8 +224,14 @@ def lsh_rounds_reference(
                 count = torch.zeros(Lp, Lp, dtype=qk.dtype, device=qk.device)  # [i, j]
                 for c in range(r * N, (r + 1) * N):
                     window = [chunks[c]]
-                    if N > 1 and (wrap or c % N != 0):
-                        window.insert(0, chunks[(c - 1) % (R * N)])
+                    if wrap:
+                        if N > 1:
+                            window.insert(0, chunks[(c - 1) % (R * N)])
+                    else:
+                        first, n = r * N, c % N
+                        for o in (*range(-chunks_before, 0), *range(1, chunks_after + 1)):
+                            if 0 <= n + o < N:
+                                window.append(chunks[first + n + o])
                     keys = torch.cat(window)
                     for i in chunks[c].tolist():
                         for j in keys.tolist():

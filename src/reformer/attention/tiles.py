@@ -1,11 +1,13 @@
 """The elementwise work on one slice of LSH score tiles, in two interchangeable kernels.
 
-A slice is m rows of (C queries x 2C keys) scores `s` and their int8 pair codes (0: not a
+A slice is m rows of (C queries x W keys) scores `s` and their int8 pair codes (0: not a
 candidate, else N_ij, the number of rounds whose candidate set holds the pair; see lsh.py).
+`self_at` is the key slot of query 0 itself (query c's is c + self_at): C for the causal
+layout of 2C keys, before * C in general.
 
   forward:  probabilities p = exp(s' - top) / N_ij / total over the row's candidates, with
             s' = s, plus MASK_SCORE off the candidates and SELF_SCORE on the diagonal
-            (key slot c + C is query c itself), top the row maximum of s', total the row sum;
+            (key slot c + self_at is query c itself), top the row maximum of s', total the row sum;
   backward: p again from the forward's `top` and the row's `scale`, and dS = p * (dP - dot).
 Both write their results over their inputs (p over s, dS over dP) and into the caller's
 row buffers: on CPUs fresh tensors of this size cost a page fault per 4 KiB each time.
@@ -51,7 +53,7 @@ _compile_failed: str | None = None  # why "auto" stopped compiling in this proce
 # ---- eager (the reference): in place on s, PyTorch passes ---------------------------------
 
 
-def _eager_scores(s: Tensor, code: Tensor, chunk_len: int) -> tuple[Tensor, Tensor]:
+def _eager_scores(s: Tensor, code: Tensor, self_at: int) -> tuple[Tensor, Tensor]:
     """s in place -> (s', weight 1 / N_ij on candidates, 0 elsewhere)."""
     f = code.to(s.dtype)
     weight = f.clamp(min=1).reciprocal_()
@@ -59,14 +61,14 @@ def _eager_scores(s: Tensor, code: Tensor, chunk_len: int) -> tuple[Tensor, Tens
     weight.mul_(f)
     s.add_(f.sub_(1), alpha=-MASK_SCORE)  # non-candidates down by |MASK_SCORE|: off the max
     # The self score (added to q.k_i: exp(SELF_SCORE) underflows as an override would).
-    s.diagonal(offset=chunk_len, dim1=1, dim2=2).add_(SELF_SCORE)
+    s.diagonal(offset=self_at, dim1=1, dim2=2).add_(SELF_SCORE)
     return s, weight
 
 
-def eager_forward(s: Tensor, code: Tensor, chunk_len: int, top: Tensor, total: Tensor) -> Tensor:
+def eager_forward(s: Tensor, code: Tensor, self_at: int, top: Tensor, total: Tensor) -> Tensor:
     """Scores s (m, C, 2C) -> p, written over s; the row maximum and sum go to `top` and
     `total` (m, C)."""
-    s, weight = _eager_scores(s, code, chunk_len)
+    s, weight = _eager_scores(s, code, self_at)
     torch.amax(s, dim=-1, out=top)
     p = s.sub_(top[..., None]).clamp_(min=EXP_FLOOR).exp_().mul_(weight)
     # A row without candidates (a padded query) gets p = 0 and a finite normaliser.
@@ -75,11 +77,11 @@ def eager_forward(s: Tensor, code: Tensor, chunk_len: int, top: Tensor, total: T
 
 
 def eager_backward(
-    s: Tensor, code: Tensor, chunk_len: int, top: Tensor, scale: Tensor, dp: Tensor, dot: Tensor
+    s: Tensor, code: Tensor, self_at: int, top: Tensor, scale: Tensor, dp: Tensor, dot: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Scores s and dP (m, C, 2C); top, scale, dot (m, C) -> (dS written over dp, p written
     over s) with p = exp(s' - top) / N_ij * scale."""
-    s, weight = _eager_scores(s, code, chunk_len)
+    s, weight = _eager_scores(s, code, self_at)
     weight.mul_(scale[..., None])
     p = s.sub_(top[..., None]).clamp_(min=EXP_FLOOR).exp_().mul_(weight)
     return dp.sub_(dot[..., None]).mul_(p), p
@@ -88,20 +90,20 @@ def eager_backward(
 # ---- compiled: the same arithmetic, functional, for torch.compile to fuse ------------------
 
 
-def _fused_scores(s: Tensor, code: Tensor, chunk_len: int) -> tuple[Tensor, Tensor]:
+def _fused_scores(s: Tensor, code: Tensor, self_at: int) -> tuple[Tensor, Tensor]:
     n = code.to(s.dtype)  # (comparing the int8 codes directly defeats vectorisation)
     cand = n > 0
     weight = torch.where(cand, 1.0 / n, 0.0)
     s = s + torch.where(cand, 0.0, MASK_SCORE)
     rows = torch.arange(s.shape[1], device=s.device)[:, None]
     cols = torch.arange(s.shape[2], device=s.device)
-    return torch.where(cols - rows == chunk_len, s + SELF_SCORE, s), weight
+    return torch.where(cols - rows == self_at, s + SELF_SCORE, s), weight
 
 
 def _fused_forward(
-    s: Tensor, code: Tensor, chunk_len: int, top_out: Tensor, total_out: Tensor
+    s: Tensor, code: Tensor, self_at: int, top_out: Tensor, total_out: Tensor
 ) -> None:
-    s_, weight = _fused_scores(s, code, chunk_len)
+    s_, weight = _fused_scores(s, code, self_at)
     top = s_.amax(dim=-1)
     p = torch.exp((s_ - top[..., None]).clamp(min=EXP_FLOOR)) * weight
     total = p.sum(dim=-1).clamp(min=torch.finfo(s.dtype).tiny)
@@ -111,9 +113,9 @@ def _fused_forward(
 
 
 def _fused_backward(
-    s: Tensor, code: Tensor, chunk_len: int, top: Tensor, scale: Tensor, dp: Tensor, dot: Tensor
+    s: Tensor, code: Tensor, self_at: int, top: Tensor, scale: Tensor, dp: Tensor, dot: Tensor
 ) -> None:
-    s_, weight = _fused_scores(s, code, chunk_len)
+    s_, weight = _fused_scores(s, code, self_at)
     p = torch.exp((s_ - top[..., None]).clamp(min=EXP_FLOOR)) * (weight * scale[..., None])
     dp.copy_((dp - dot[..., None]) * p)
     s.copy_(p)
@@ -133,17 +135,17 @@ def _call_compiled(fn, *args) -> None:
     _compiled(fn)(*args)
 
 
-def compiled_forward(s: Tensor, code: Tensor, chunk_len: int, top: Tensor, total: Tensor) -> Tensor:
+def compiled_forward(s: Tensor, code: Tensor, self_at: int, top: Tensor, total: Tensor) -> Tensor:
     """`eager_forward` through torch.compile."""
-    _call_compiled(_fused_forward, s, code, chunk_len, top, total)
+    _call_compiled(_fused_forward, s, code, self_at, top, total)
     return s
 
 
 def compiled_backward(
-    s: Tensor, code: Tensor, chunk_len: int, top: Tensor, scale: Tensor, dp: Tensor, dot: Tensor
+    s: Tensor, code: Tensor, self_at: int, top: Tensor, scale: Tensor, dp: Tensor, dot: Tensor
 ) -> tuple[Tensor, Tensor]:
     """`eager_backward` through torch.compile."""
-    _call_compiled(_fused_backward, s, code, chunk_len, top, scale, dp, dot)
+    _call_compiled(_fused_backward, s, code, self_at, top, scale, dp, dot)
     return dp, s
 
 

@@ -115,6 +115,10 @@ class EncDecConfig:
             chunk_len=self.chunk_len,
             lsh_mode=None,
             causal=causal,
+            # The LSH encoder's layout since translation runs were first saved: the chunk
+            # and the one before it (the encoder models' default also looks one ahead).
+            chunks_before=1,
+            chunks_after=0,
             reversible=self.reversible,
             dropout=self.dropout,
             ff_chunk_len=None,

@@ -1,0 +1,1 @@
+"""Encoder (bidirectional) models: masked-LM and classification heads, their data and recipes."""
