@@ -144,7 +144,8 @@ def dense_attention_reference(
 ) -> Tensor:
     """Full attention, or local attention when `chunk_len` is given (j's chunk is i's, one
     of the chunks_before before it or one of the chunks_after after it). `k=None` means
-    shared QK: unit keys, no 1/sqrt(D), self score SELF_SCORE. (B, H, L, D) -> (B, H, L, D); rows of padded queries are 0."""
+    shared QK: unit keys, no 1/sqrt(D), self score SELF_SCORE. (B, H, L, D) ->
+    (B, H, L, D); rows of padded queries are 0."""
     B, H, L, D = q.shape
     pos = torch.arange(L, device=q.device)
     allowed = _valid(attention_mask, B, L, q.device)[:, None, None, :].expand(B, H, L, L)
@@ -190,8 +191,8 @@ def lsh_rounds_reference(
     `wrap` cyclically (a round's first chunk sees the previous round's last, round 0's the
     last round's), without it not across a round's start. Without `wrap`, chunks_before and
     chunks_after widen the window to that many chunks on each side, within the round. A
-    sequence of one chunk has no look-back. Per query and round: softmax over its window, a key there twice counted
-    twice, j == i scored SELF_SCORE; then the rounds weighted by their log-sum-exps.
+    sequence of one chunk has no look-back. Per query and round: softmax over its window, a
+    key there twice counted twice, j == i scored SELF_SCORE; then the rounds weighted by their log-sum-exps.
     (B, H, L, D) x2 -> (B, H, L, D); rows of padded queries are meaningless.
     """
     B, H, L, _ = qk.shape
