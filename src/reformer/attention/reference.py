@@ -192,8 +192,9 @@ def lsh_rounds_reference(
     last round's), without it not across a round's start. Without `wrap`, chunks_before and
     chunks_after widen the window to that many chunks on each side, within the round. A
     sequence of one chunk has no look-back. Per query and round: softmax over its window, a
-    key there twice counted twice, j == i scored SELF_SCORE; then the rounds weighted by their log-sum-exps.
-    (B, H, L, D) x2 -> (B, H, L, D); rows of padded queries are meaningless.
+    key there twice counted twice, j == i scored SELF_SCORE; then the rounds weighted by
+    their log-sum-exps. (B, H, L, D) x2 -> (B, H, L, D); rows of padded queries are
+    meaningless.
     """
     B, H, L, _ = qk.shape
     C = chunk_len
