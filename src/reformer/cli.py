@@ -1,4 +1,4 @@
-"""`reformer train | eval | plot | generate | translate | convert | plan`: the command-line tool.
+"""`reformer train | eval | plot | generate | translate | predict | convert | plan`: the CLI.
 
 Each verb's flags are generated from its typed dataclass by tyro (`reformer VERB --help`);
 there is no second list of options to keep in sync.
@@ -16,6 +16,7 @@ import tyro
 
 from .checkpoint import CheckpointError
 from .distributed import process_group
+from .run_config import ENCODER_TASKS
 from .train import (
     PRESETS,
     TrainingDiverged,
@@ -26,7 +27,7 @@ from .train import (
 )
 from .train_args import parse_train_args
 
-USAGE = """usage: reformer {train,eval,plot,generate,translate,convert,plan} ...
+USAGE = """usage: reformer {train,eval,plot,generate,translate,predict,convert,plan} ...
 
 Train and run Reformer models (LSH attention, reversible layers, chunked feed-forward).
 
@@ -36,6 +37,7 @@ verbs:
   plot      draw a run's learning curves (PNG)
   generate  sample text (or an image) from a checkpoint with the cached decoder
   translate translate text (stdin or a file) with a translation run's checkpoint
+  predict   classify texts (stdin or a file) with a classify or listops run's checkpoint
   convert   import a transformers Reformer directory as a run, or export a run to one
   plan      predict a training step's peak memory by component; the longest length that fits
 
@@ -45,6 +47,8 @@ verbs:
   reformer plot runs/dup
   reformer train --preset multi30k-small --data ../shared/data/translation/multi30k --out runs/mt
   echo "A man rides a bike." | reformer translate --checkpoint runs/mt
+  reformer train --preset listops-small --out runs/listops
+  echo "[MAX 2 9 [MIN 4 7 ] 0 ]" | reformer predict --checkpoint runs/listops
   torchrun --nproc-per-node 2 -m reformer train --preset duplication-small --out runs/dup2
   reformer convert --from-transformers path/to/reformer-enwik8 --out runs/enwik8-hf
   reformer convert --to-transformers runs/dup --out exported/dup
@@ -76,6 +80,10 @@ def cmd_train(argv: list[str]) -> int:
     if cfg.task == "translation":
         if final:
             print(f"final eval: loss {final['loss']:.4f}, BLEU {final['bleu']:.2f}")
+        return 0
+    if cfg.task in ENCODER_TASKS:
+        if final:
+            print("final eval: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
         return 0
     task_unit = "accuracy" if cfg.task == "duplication" else None
     lsh = "lsh" in cfg.model.attention.split(",")
@@ -142,10 +150,15 @@ def cmd_eval(argv: list[str]) -> int:
 
     args = tyro.cli(EvalArgs, args=argv, prog="reformer eval")
     device = resolve_device(args.device)
-    if _is_translation_run(Path(args.checkpoint)):
+    task = _run_task(Path(args.checkpoint))
+    if task == "translation":
         from .translation.cli import eval_translation
 
         return eval_translation(args, device)
+    if task in ENCODER_TASKS:
+        from .encoder.cli import eval_encoder
+
+        return eval_encoder(args, device)
     model, cfg, ckpt, step = load_run(Path(args.checkpoint), device)
     task = task_of(cfg, args.data)
     counts = tuple(args.n_hashes) or (None,)
@@ -251,11 +264,17 @@ def cmd_translate(argv: list[str]) -> int:
     return run(argv)
 
 
-def _is_translation_run(path: Path) -> bool:
+def _run_task(path: Path) -> str | None:
     from .checkpoint import read_checkpoint_config
 
     # read_checkpoint_config resolves a run directory and says what is wrong with a path
-    return read_checkpoint_config(path).get("task") == "translation"
+    return read_checkpoint_config(path).get("task")
+
+
+def cmd_predict(argv: list[str]) -> int:
+    from .encoder.cli import cmd_predict as run
+
+    return run(argv)
 
 
 VERBS = {
@@ -264,6 +283,7 @@ VERBS = {
     "plot": cmd_plot,
     "generate": cmd_generate,
     "translate": cmd_translate,
+    "predict": cmd_predict,
     "convert": cmd_convert,
     "plan": cmd_plan,
 }

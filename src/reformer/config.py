@@ -107,6 +107,9 @@ class ReformerConfig:
     """Positions per feed-forward chunk; None: unchunked."""
     loss_chunk_len: int | None = 4096
     """Positions per chunk of the output logits and loss; None: unchunked."""
+    tie_embeddings: bool = False
+    """Output logits through the token embedding matrix: norm -> Linear(W, d_model) ->
+    E^T + bias (W = 2 d_model when reversible). False: an untied Linear(W, vocab_size)."""
     pos_emb: str = "axial"
     """'axial' | 'absolute' | 'none'."""
     axial_shape: tuple[int, ...] | None = None
@@ -175,6 +178,7 @@ class ReformerConfig:
         _check_bool("lsh_wrap", self.lsh_wrap)
         _check_bool("lsh_dedup", self.lsh_dedup)
         _check_bool("attn_out_bias", self.attn_out_bias)
+        _check_bool("tie_embeddings", self.tie_embeddings)
         if self.ff_activation not in FF_ACTIVATIONS:
             raise ValueError(
                 f"ReformerConfig.ff_activation must be one of {FF_ACTIVATIONS}; "

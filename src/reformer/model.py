@@ -235,7 +235,12 @@ class ReformerLM(nn.Module):
         self.blocks = nn.ModuleList(ReformerBlock(config, kind) for kind in config.layer_kinds)
         width = 2 * d if config.reversible else d
         self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
-        self.head = nn.Linear(width, config.vocab_size)
+        if config.tie_embeddings:
+            # Tied: the final state mapped to d_model, then scored against the embeddings.
+            self.head = nn.Linear(width, d)
+            self.out_bias = nn.Parameter(torch.zeros(config.vocab_size))
+        else:
+            self.head = nn.Linear(width, config.vocab_size)
         # Debug/test switch: False runs the reversible stack under plain autograd.
         self.custom_backward = True
         self.reset_parameters()
@@ -418,7 +423,10 @@ class ReformerLM(nn.Module):
 
     def logits_from_hidden(self, hidden: Tensor) -> Tensor:
         """(B, l, W) -> (B, l, V)."""
-        return self.head(self.norm(hidden))
+        out = self.head(self.norm(hidden))
+        if self.config.tie_embeddings:
+            return F.linear(out, self.token_emb.weight.to(out.dtype), self.out_bias.to(out.dtype))
+        return out
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """(B, L) token ids -> (B, L, V) logits."""
@@ -435,10 +443,16 @@ class ReformerLM(nn.Module):
         `loss_chunk_len` positions: the (B, L, V) logits never exist at once.
 
         targets: (B, L) next-token ids aligned with input_ids (targets[:, t] is the token
-        predicted from input_ids[:, :t + 1]).
+        predicted from input_ids[:, :t + 1]); for a masked LM (causal=False), the original
+        ids at the masked positions and ignore_index elsewhere. When fewer than half of the
+        positions are scored (a masked LM's 15%), only their hidden states reach the
+        output layer.
         """
         self._check_targets(targets, input_ids, ignore_index)
         hidden = self.hidden_states(input_ids, attention_mask)
+        scored = targets != ignore_index
+        if 2 * int(scored.sum()) < scored.numel():
+            hidden, targets = hidden[scored][None], targets[scored][None]  # (1, M, W), (1, M)
         total, count = chunked_cross_entropy(
             hidden,
             targets,

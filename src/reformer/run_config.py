@@ -105,6 +105,59 @@ class TranslationConfig:
             )
 
 
+ENCODER_TASKS = ("mlm", "classify", "listops")
+
+
+@dataclass
+class EncoderConfig:
+    """Encoder runs (tasks mlm, classify, listops): masking, the classification head, the
+    tokenizer of labelled text, the generated ListOps data."""
+
+    mask_rate: float = 0.15
+    """mlm: share of real positions chosen for prediction (BERT: 0.15)."""
+    mask_token: float = 0.8
+    """mlm: share of the chosen positions whose input becomes the mask token."""
+    random_token: float = 0.1
+    """mlm: share of the chosen positions whose input becomes a random byte (the rest keep
+    their own)."""
+    pooling: Literal["mean", "first"] = "mean"
+    """classify, listops: the sequence's state is the mean over its real positions, or the
+    state of a CLS token put first."""
+    vocab: Literal["bytes", "sentencepiece"] = "bytes"
+    """classify: UTF-8 bytes, or sentencepiece subwords (the model in --tokenizer, else one
+    trained on the training texts and saved as DIR/spm.model)."""
+    spm_vocab_size: int = 2000
+    """classify with vocab sentencepiece and no --tokenizer: size of the trained model."""
+    listops_train: int = 10000
+    """listops: generated training examples."""
+    listops_val: int = 1000
+    """listops: generated validation (and, separately, test) examples."""
+    listops_min_len: int = 32
+    """listops: shortest expression in tokens (the longest is seq_len)."""
+    listops_max_depth: int = 10
+    listops_max_args: int = 10
+    listops_seed: int = 0
+    """listops: the generator's seed (the data stay the same whatever the run's seed)."""
+
+    def __post_init__(self) -> None:
+        check_annotations(self, "encoder.")
+        for name in ("mask_rate", "mask_token", "random_token"):
+            within(f"encoder.{name}", getattr(self, name), 0, 1)
+        at_least("encoder.mask_rate", self.mask_rate, 0, strict=True)
+        if self.mask_token + self.random_token > 1:
+            raise ValueError(
+                f"encoder.mask_token={self.mask_token} + encoder.random_token="
+                f"{self.random_token} exceed 1: they are shares of the chosen positions"
+            )
+        at_least("encoder.spm_vocab_size", self.spm_vocab_size, 16)
+        for name in ("listops_train", "listops_val", "listops_max_depth"):
+            at_least(f"encoder.{name}", getattr(self, name), 1)
+        # Lists have >= 2 arguments; with at most 3 some lengths cannot be built.
+        at_least("encoder.listops_min_len", self.listops_min_len, 4)
+        at_least("encoder.listops_max_args", self.listops_max_args, 4)
+        at_least("encoder.listops_seed", self.listops_seed, 0)
+
+
 @dataclass
 class TrainConfig:
     """A training run. `reformer train --help` lists every field as a flag."""
@@ -113,10 +166,15 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     translation: TranslationConfig = field(default_factory=TranslationConfig)
     """Used by task "translation" only."""
-    task: Literal["duplication", "enwik8", "text", "images", "translation"] = "duplication"
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    """Used by the encoder tasks (mlm, classify, listops) only."""
+    task: Literal[
+        "duplication", "enwik8", "text", "images", "translation", "mlm", "classify", "listops"
+    ] = "duplication"
     data: str | None = None
-    """Data path: enwik8 file (raw or .zip), text file, npz image directory, or (translation)
-    a directory of aligned {split}.{lang} files (one sentence per line, or WMT .sgm)."""
+    """Data path: enwik8 file (raw or .zip), text file, npz image directory, (translation)
+    a directory of aligned {split}.{lang} files (one sentence per line, or WMT .sgm), (mlm)
+    any byte file, (classify) a directory of {train,val,test}.jsonl or .tsv files."""
     seq_len: int = 1024
     """Training sequence length (images: fixed by image_side)."""
     image_side: int = 64
@@ -163,8 +221,8 @@ class TrainConfig:
     """enwik8 and text tasks: token id = byte + byte_offset (transformers' enwik8 model
     reserves ids 0 and 1: byte_offset 2)."""
     tokenizer: str | None = None
-    """text task: a sentencepiece model file to encode the text with instead of bytes (a
-    relative path is looked up in the run directory first)."""
+    """text and classify tasks: a sentencepiece model file to encode the text with instead
+    of bytes (a relative path is looked up in the run directory first)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.eval_hashes, list):
@@ -187,10 +245,20 @@ class TrainConfig:
                 f"TrainConfig.byte_offset={self.byte_offset} applies to the byte-level tasks "
                 f"enwik8 and text only; task is {self.task!r}"
             )
-        if self.tokenizer is not None and (self.task != "text" or self.byte_offset):
+        if self.tokenizer is not None and not (
+            (self.task == "text" and not self.byte_offset)
+            or (self.task == "classify" and self.encoder.vocab == "sentencepiece")
+        ):
             raise ValueError(
-                f"TrainConfig.tokenizer is for task 'text' without byte_offset (got task="
-                f"{self.task!r}, byte_offset={self.byte_offset}): the text is encoded with it"
+                f"TrainConfig.tokenizer is for task 'text' without byte_offset, or task "
+                f"'classify' with encoder.vocab 'sentencepiece' (got task={self.task!r}, "
+                f"byte_offset={self.byte_offset}, encoder.vocab={self.encoder.vocab!r}): "
+                "the text is encoded with it"
+            )
+        if self.task in ENCODER_TASKS and self.model.causal:
+            raise ValueError(
+                f"task {self.task!r} trains an encoder: set --model.causal False (or "
+                "start from an encoder preset: mlm-small, classify-small, listops-small)"
             )
         if not 1 <= self.image_side <= 64 or 64 % self.image_side:
             raise ValueError(f"image_side must divide 64 (1..64); got {self.image_side}")
@@ -230,10 +298,24 @@ class TrainConfig:
             for f in fields(TranslationConfig):
                 if getattr(self.translation, f.name) != getattr(base_t, f.name):
                     unused[f"translation.{f.name}"] = "read by task 'translation' only"
+        base_e = EncoderConfig()
+        readers = {"mask_": ("mlm",), "random_": ("mlm",), "listops_": ("listops",)}
+        readers |= {"vocab": ("classify",), "spm_": ("classify",)}
+        for f in fields(EncoderConfig):
+            if getattr(self.encoder, f.name) == getattr(base_e, f.name):
+                continue
+            tasks = next(
+                (t for prefix, t in readers.items() if f.name.startswith(prefix)),
+                ("classify", "listops"),
+            )
+            if self.task not in tasks:
+                unused[f"encoder.{f.name}"] = f"read by task {' and '.join(tasks)} only"
+        if self.task in ENCODER_TASKS and self.eval_hashes not in ((), default.eval_hashes):
+            unused["eval_hashes"] = "encoder runs print no hash-round table"
         if self.task != "images" and self.image_side != default.image_side:
             unused["image_side"] = "read by task 'images' only"
-        if self.task == "duplication" and self.data is not None:
-            unused["data"] = "the duplication task generates its data"
+        if self.task in ("duplication", "listops") and self.data is not None:
+            unused["data"] = f"the {self.task} task generates its data"
         if not unused:
             return
         listing = "; ".join(f"{name} ({why})" for name, why in unused.items())
@@ -246,7 +328,11 @@ class TrainConfig:
             for name in unused:
                 section, _, field_name = name.rpartition(".")
                 obj = getattr(self, section) if section else self
-                base_obj = {"model": ReformerConfig, "translation": TranslationConfig}.get(section)
+                base_obj = {
+                    "model": ReformerConfig,
+                    "translation": TranslationConfig,
+                    "encoder": EncoderConfig,
+                }.get(section)
                 value = getattr(base_obj(), field_name) if base_obj else getattr(default, name)
                 object.__setattr__(obj, field_name, value)
             return
@@ -319,6 +405,7 @@ def config_from_dict(data: dict[str, Any], where: str = "config") -> TrainConfig
     translation = _strict(
         TranslationConfig, dict(data.pop("translation", {}) or {}), f"{where} [translation]"
     )
+    encoder = _strict(EncoderConfig, dict(data.pop("encoder", {}) or {}), f"{where} [encoder]")
     for key in ("axial_shape", "axial_dims"):
         if isinstance(model.get(key), list):
             model[key] = tuple(model[key])
@@ -328,6 +415,7 @@ def config_from_dict(data: dict[str, Any], where: str = "config") -> TrainConfig
         model=ReformerConfig(**model),
         optim=OptimConfig(**optim),
         translation=TranslationConfig(**translation),
+        encoder=EncoderConfig(**encoder),
         **data,
     )
 

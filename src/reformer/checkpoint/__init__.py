@@ -245,6 +245,7 @@ def load_checkpoint(
     scheduler: LRScheduler | None = None,
     restore_rng: bool = True,
     map_location: str | torch.device = "cpu",
+    fresh: tuple[str, ...] = (),
 ) -> LoadedCheckpoint:
     """Restore ``model`` (and optionally optimizer, scheduler, RNG) from a checkpoint.
 
@@ -263,6 +264,9 @@ def load_checkpoint(
         map_location: Device the model weights are staged on before being copied into
             the model (whose parameters keep their own devices). Optimizer state is
             staged on CPU; ``optimizer.load_state_dict`` moves it next to its params.
+        fresh: names of submodules (e.g. "head") whose weights are not loaded: they keep
+            the model's own values, whatever the checkpoint holds there (fine-tuning an
+            encoder with a new task head). Every other key is still checked strictly.
 
     Returns:
         The step, training state and config stored in the checkpoint.
@@ -279,6 +283,14 @@ def load_checkpoint(
 
     # ---- read and validate everything before mutating anything -----------------
     model_sd = _read_tensors(ckpt / MODEL_FILE, device)
+    if fresh:
+        own = model.state_dict()
+
+        def is_fresh(key: str) -> bool:
+            return any(key == f or key.startswith(f + ".") for f in fresh)
+
+        model_sd = {k: v for k, v in model_sd.items() if not is_fresh(k)}
+        model_sd |= {k: v for k, v in own.items() if is_fresh(k)}
     _check_model_compat(ckpt, model, model_sd)
 
     opt_sd: dict[str, Any] | None = None
@@ -336,3 +348,19 @@ def read_checkpoint_config(path: Path | str) -> dict[str, Any]:
         return {}
     _verify_file(ckpt, CONFIG_FILE, meta["files"][CONFIG_FILE])
     return _read_json(ckpt / CONFIG_FILE)
+
+
+def read_checkpoint_state(path: Path | str) -> dict[str, Any]:
+    """Return the training state (the recipe's JSON: step, and e.g. a classifier's label
+    names) stored in a checkpoint or a run dir's latest checkpoint, checksum verified, so
+    a CLI can build the model it needs before :func:`load_checkpoint`.
+
+    Raises:
+        CheckpointError: not a checkpoint, or the state is corrupt.
+    """
+    ckpt = _resolve(Path(path))
+    meta = _read_meta(ckpt)
+    if STATE_FILE not in meta["files"]:
+        return {}
+    _verify_file(ckpt, STATE_FILE, meta["files"][STATE_FILE])
+    return _read_json(ckpt / STATE_FILE)

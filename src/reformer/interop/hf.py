@@ -194,6 +194,8 @@ def config_to_hf(cfg: ReformerConfig, seq_len: int | None = None) -> dict[str, A
                 )
     if cfg.attn_out_bias:
         refuse("attn_out_bias", True, "its attention output projection has no bias")
+    if cfg.tie_embeddings:
+        refuse("tie_embeddings", True, "its output layer is an untied Linear(2 d, vocab)")
     if cfg.key_norm != "rms" and any(cfg.shared_qk_for(k) for k in kinds):
         refuse(
             "key_norm",

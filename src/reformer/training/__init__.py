@@ -20,6 +20,9 @@ RECIPES: dict[str, str] = {
     "text": "reformer.train:LMRecipe",
     "images": "reformer.train:LMRecipe",
     "translation": "reformer.translation.train:TranslationRecipe",
+    "mlm": "reformer.encoder.train:MLMRecipe",
+    "classify": "reformer.encoder.train:ClassifyRecipe",
+    "listops": "reformer.encoder.train:ListOpsRecipe",
 }
 
 

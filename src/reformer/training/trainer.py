@@ -121,6 +121,11 @@ class Recipe:
         """A line printed (rank 0) once the model is built, or None."""
         return None
 
+    def init_from(self, path: Path, model: nn.Module) -> Any:
+        """Fine-tuning (--init-from): load another run's weights into the fresh model (a
+        `LoadedCheckpoint`). A recipe whose head differs from the source's loads the rest."""
+        return load_checkpoint(path, model, restore_rng=False)
+
 
 class _LossModule(nn.Module):
     """The recipe's loss as a module's forward: DDP and FSDP hook `__call__`, so training
@@ -242,7 +247,7 @@ class Trainer:
         if start == 0 and cfg.init_from is not None:
             # Fine-tuning: the weights of another run (or of a converted checkpoint), a fresh
             # optimiser and schedule; a shape that differs is refused by name.
-            loaded = load_checkpoint(Path(cfg.init_from), model, restore_rng=False)
+            loaded = recipe.init_from(Path(cfg.init_from), model)
             if rank == 0:
                 print(f"initialised from {cfg.init_from} (step {loaded.step})", flush=True)
         if rank == 0:

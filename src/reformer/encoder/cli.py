@@ -1,0 +1,192 @@
+"""`reformer predict` and the encoder side of `reformer eval` (tasks mlm, classify, listops)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import tyro
+
+from ..files import atomic_write
+from ..training.common import autocast_for, resolve_device
+from .data import LabelledSet, read_labelled, split_file
+from .train import (
+    byte_corpus,
+    evaluate_classifier,
+    evaluate_mlm,
+    listops_split,
+    load_encoder_run,
+    masking_rule,
+    run_tokenizer,
+)
+
+
+def _evaluate(model, cfg, state, args, split: str) -> dict[str, float]:
+    batch_size = args.batch_size or cfg.eval_batch_size or cfg.batch_size
+    common = dict(
+        batch_size=batch_size,
+        max_batches=args.batches or None,
+        precision=args.precision,
+        seed=args.seed,
+    )
+    tokenizer = run_tokenizer(cfg, state)
+    if cfg.task == "mlm":
+        corpus = byte_corpus(args.data or cfg.data)
+        rule = masking_rule(cfg, tokenizer)
+        return evaluate_mlm(model, corpus, rule, seq_len=cfg.seq_len, split=split, **common)
+    if cfg.task == "listops":
+        examples = listops_split(cfg, split)
+    else:
+        examples = read_labelled(split_file(args.data or cfg.data, split))
+    dataset = LabelledSet.from_examples(
+        examples,
+        tokenizer,
+        state["labels"],
+        max_len=cfg.seq_len,
+        add_cls=cfg.encoder.pooling == "first",
+    )
+    return evaluate_classifier(model, dataset, **common)
+
+
+def eval_encoder(args: Any, device: torch.device) -> int:
+    """`reformer eval` of an encoder run: metrics on a split, one row per hash-round count."""
+    model, cfg, ckpt, step, state = load_encoder_run(Path(args.checkpoint), device)
+    counts = tuple(args.n_hashes) or (None,)
+    rows = []
+    trained = model.config.n_hashes
+    for n in counts:
+        try:
+            if isinstance(n, int):
+                model.set_n_hashes(n)
+                model.set_attention("lsh")
+            elif n == "full":
+                model.set_attention("full")
+            res = _evaluate(model, cfg, state, args, args.split)
+        finally:
+            model.set_n_hashes(trained)
+            model.set_attention(None)
+        rows.append({"n_hashes": "trained" if n is None else n} | res)
+    print(f"{ckpt} (step {step}), {cfg.task} {args.split} split")
+    keys = [k for k in rows[0] if k != "n_hashes"]
+    print("n_hashes  " + "  ".join(f"{k:>15}" for k in keys))
+    for r in rows:
+        print(f"{r['n_hashes']:>8}  " + "  ".join(f"{r[k]:>15.4f}" for k in keys))
+    if args.json:
+        result = {"checkpoint": str(ckpt), "step": step, "split": args.split, "rows": rows}
+        atomic_write(Path(args.json), json.dumps(result, indent=2))
+    return 0
+
+
+@dataclass
+class PredictArgs:
+    """Classify texts with a classify or listops run: one JSON line per input."""
+
+    checkpoint: str
+    """A run directory (its newest checkpoint) or a checkpoint directory."""
+    input: str | None = None
+    """A .jsonl file (a "text" field per line), a .tsv file (a header naming a "text"
+    column) or any other file of one text per line; default: standard input, one text per
+    line. A "label" field or column, when present, is scored (accuracy on stderr)."""
+    output: str | None = None
+    """Write the predictions (JSON lines) here; default: standard output."""
+    probs: bool = False
+    """Also give every class's probability."""
+    batch_size: int = 16
+    device: str = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 0
+    """Seeds the LSH hash rotations: the same inputs get the same predictions."""
+
+
+def _read_inputs(path: str | None) -> tuple[list[str], list[str] | None]:
+    """(texts, labels or None)."""
+    if path is not None and Path(path).suffix in (".jsonl", ".tsv"):
+        p = Path(path)
+        has_label = _has_labels(p)
+        if has_label:
+            rows = read_labelled(p)
+            return [t for t, _ in rows], [label for _, label in rows]
+        return _texts_only(p), None
+    if path is not None and not Path(path).is_file():
+        raise ValueError(f"--input {path}: no such file")
+    text = Path(path).read_text(encoding="utf-8") if path else sys.stdin.read()
+    return [line for line in text.splitlines() if line.strip()], None
+
+
+def _has_labels(p: Path) -> bool:
+    first = next((line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()), "")
+    if p.suffix == ".tsv":
+        return "label" in first.split("\t")
+    try:
+        return "label" in json.loads(first)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: line 1 is not JSON ({e})") from e
+
+
+def _texts_only(p: Path) -> list[str]:
+    lines = [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if p.suffix == ".tsv":
+        header = lines[0].split("\t")
+        if "text" not in header:
+            raise ValueError(f"{p}: the header row {header} has no 'text' column")
+        col = header.index("text")
+        return [line.split("\t")[col] for line in lines[1:]]
+    texts = []
+    for i, line in enumerate(lines, 1):
+        obj = json.loads(line)
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise ValueError(f'{p}: line {i} has no string "text" field')
+        texts.append(obj["text"])
+    return texts
+
+
+def cmd_predict(argv: list[str]) -> int:
+    args = tyro.cli(PredictArgs, args=argv, prog="reformer predict")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
+    device = resolve_device(args.device)
+    model, cfg, ckpt, _, state = load_encoder_run(Path(args.checkpoint), device)
+    if cfg.task == "mlm":
+        raise ValueError(
+            f"{ckpt} is a masked-LM run: `reformer predict` classifies with a classify or "
+            "listops run (fine-tune one from it with --init-from)"
+        )
+    texts, labels = _read_inputs(args.input)
+    if not texts:
+        raise ValueError("no input texts to classify")
+    names = state["labels"]
+    examples = list(zip(texts, labels or [names[0]] * len(texts)))
+    dataset = LabelledSet.from_examples(
+        examples,
+        run_tokenizer(cfg, state),
+        names,
+        max_len=cfg.seq_len,
+        add_cls=cfg.encoder.pooling == "first",
+    )
+    lines, correct = [], 0
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        for ids, mask, y in dataset.eval_batches(args.batch_size):
+            with autocast_for(device, args.precision):
+                probs = torch.softmax(model(ids.to(device), mask.to(device)).float(), -1).cpu()
+            for row, true in zip(probs, y.tolist()):
+                k = int(row.argmax())
+                correct += k == true
+                rec: dict[str, Any] = {"label": names[k], "confidence": round(float(row[k]), 6)}
+                if args.probs:
+                    rec["probs"] = {n: round(float(p), 6) for n, p in zip(names, row)}
+                lines.append(json.dumps(rec))
+    text = "".join(line + "\n" for line in lines)
+    if args.output:
+        atomic_write(Path(args.output), text)
+    else:
+        sys.stdout.write(text)
+    if labels is not None:
+        print(
+            f"accuracy {correct / len(texts):.4f} on {len(texts)} labelled inputs", file=sys.stderr
+        )
+    return 0
