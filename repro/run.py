@@ -3,6 +3,8 @@
     python -m repro.run duplication      # Table 2: train full / LSH-1/2/4, evaluate each 5 ways
     python -m repro.run ablations        # Figure 3: shared-QK and reversible vs the baseline
     python -m repro.run lsh-vs-full      # LSH-4 (window, chunk) against full attention
+    python -m repro.run listops          # encoders on ListOps: LSH-2/4, local, full
+    python -m repro.run mlm              # masked LM on the enwik8 prefix: LSH-4 against full
     python -m repro.run all
 
 Every run is an ordinary `reformer train` in a fresh process, written to
@@ -434,7 +436,11 @@ def run_experiment(name: str, data: Path, results: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m repro.run", description=__doc__.split("\n")[0])
-    parser.add_argument("experiment", choices=["duplication", "ablations", "lsh-vs-full", "all"])
+    parser.add_argument(
+        "experiment", choices=["duplication", "ablations", "lsh-vs-full", "listops", "mlm", "all"]
+    )
+    parser.add_argument("--steps", type=int, help="listops, mlm: training steps per run")
+    parser.add_argument("--length", type=int, default=1024, help="listops: longest expression")
     parser.add_argument(
         "--data",
         type=Path,
@@ -448,10 +454,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.experiment == "all"
         else [args.experiment]
     )
-    if any(n != "duplication" for n in names) and not (args.data / "enwik8").is_dir():
+    needs_data = [n for n in names if n not in ("duplication", "listops")]
+    if needs_data and not (args.data / "enwik8").is_dir():
         parser.error(f"{args.data / 'enwik8'} not found: pass --data with the shared data folder")
     for name in names:
         try:
+            if name in ("listops", "mlm"):
+                from repro import encoder
+
+                steps = args.steps or (600 if name == "listops" else 300)
+                encoder.run(name, args.data, args.results, steps, args.length)
+                continue
             run_experiment(name, args.data, args.results)
         except subprocess.CalledProcessError as e:
             print(e.stdout[-3000:], e.stderr[-3000:], sep="\n", file=sys.stderr)

@@ -198,9 +198,9 @@ def test_lsh_float32_against_float64_reference(mode, causal):
 @pytest.mark.parametrize("mode,causal", MODES)
 def test_lsh_int64_pair_keys(mode, causal, monkeypatch):
     """Keys too large for int32 (many heads per group, many buckets) take the int64 path."""
-    from reformer.attention import lsh
+    from reformer.attention import lsh_layout
 
-    monkeypatch.setattr(lsh, "INT32_KEYS_BELOW", 0)
+    monkeypatch.setattr(lsh_layout, "INT32_KEYS_BELOW", 0)
     qk, v, mask = _inputs(2, 2, 29, 5, padded=True)
     rot = draw_rotations(2, 5, 2, 8, dtype=F64)
     _compare(qk, v, mask, rot, chunk_len=4, causal=causal, mode=mode)

@@ -33,9 +33,7 @@ memory whatever B * H is); rows of chunks are processed in slices of about 2^21 
 
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -56,13 +54,12 @@ from .hashing import (  # noqa: F401  (the hashing half of LSH, re-exported)
     draw_rotations,
     hash_vectors,
 )
+from .lsh_layout import Layout, group_layout, strided
 
 # Heads (B * H of them) are processed in groups of about this many sorted-slot values
 # (heads x R x Lp x D): the sorted copies of q, k, v and their gradients exist for one group
 # at a time, which bounds the working set whatever the batch and the number of heads.
 GROUP_ENTRIES = 1 << 22
-# The pair-code keys are int32 while they stay below this (doubled, they must fit), else int64.
-INT32_KEYS_BELOW = 1 << 30
 
 
 def lsh_attention(
@@ -128,7 +125,7 @@ def lsh_attention(
     keys = unit_keys(qk, key_norm)
     fused = tiles.resolve_kernel(kernel, B * H * R * Lp, qk.device)
     kernels = (fused, kernel != "compiled")
-    layout = _Layout(C, mode, causal, wrap and Lp > C, dedup, chunks_before, chunks_after)
+    layout = Layout(C, mode, causal, wrap and Lp > C, dedup, chunks_before, chunks_after)
     out = _LSHCore.apply(qk, keys, v, buckets.reshape(B * H, R, Lp), K, layout, kernels)
     return out[:, :, :L]
 
@@ -150,36 +147,7 @@ def _windows(buf: Tensor, rows: int, chunk_len: int, width: int) -> Tensor:
     """(rows, W, D) overlapping view of a buffer of sorted slots that starts with the
     before * C slots before its first chunk: window m is buffer slots [mC, mC + W)."""
     D = buf.shape[-1]
-    return _strided(buf, shape=(rows, width, D), strides=(chunk_len * D, D, 1), at=0)
-
-
-def _with_filler(x: Tensor, front: int, back: int = 0, value: int | float = 0) -> Tensor:
-    """x (S, ...) -> (front + S + back, ...) with filler slots at both ends (the windows of
-    the first and last rows reach into them)."""
-    buf = x.new_empty((front + x.shape[0] + back, *x.shape[1:]))
-    buf[:front] = value
-    buf[front : front + x.shape[0]] = x
-    buf[front + x.shape[0] :] = value
-    return buf
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """How the sorted chunks attend: chunk length, mode, causality, look-back wrap (only
-    with more than one chunk per round), duplicate correction, neighbouring chunks."""
-
-    chunk_len: int
-    mode: str
-    causal: bool
-    wrap: bool
-    dedup: bool
-    before: int = 1
-    after: int = 0
-
-    @property
-    def width(self) -> int:
-        """W: keys per chunk row."""
-        return (self.before + 1 + self.after) * self.chunk_len
+    return strided(buf, shape=(rows, width, D), strides=(chunk_len * D, D, 1), at=0)
 
 
 def _row_slices(G: int, rows_per_head: int, per_row: int, wrap: bool) -> list[slice]:
@@ -204,133 +172,12 @@ def _wrapped(src: Tensor, sl: slice, rows_per_head: int, S: int, C: int, wrap: b
     return None
 
 
-def _key_range(a: int, n: int, total: int, layout: _Layout) -> tuple[int, int, int]:
+def _key_range(a: int, n: int, total: int, layout: Layout) -> tuple[int, int, int]:
     """The sorted slots [lo, hi) of a slice's key buffer that exist (the rest is filler)
     and the buffer index of slot lo; the buffer covers slots [a - before C, a + n + after C)."""
     start = a - layout.before * layout.chunk_len
     lo, hi = max(start, 0), min(a + n + layout.after * layout.chunk_len, total)
     return lo, hi, lo - start
-
-
-@torch.no_grad()
-def _group_layout(
-    buckets: Tensor, n_buckets: int, layout: _Layout, codes: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Sort a group of G heads and write their pair codes.
-
-    buckets: (G, R, Lp), padding in bucket K = n_buckets. codes: (G * R * N, C, W) int8,
-    written: 0 if key j of the row's window is not in S_r(i), else N_ij (1 without dedup).
-    Returns src (G * S,): the row of (G * Lp) each sorted slot reads, and undo (G * R * Lp,):
-    the sorted slot of each (head, round, position). Slots are ordered by (head, round,
-    bucket, position).
-    """
-    G, R, Lp = buckets.shape
-    C, K, mode, causal = layout.chunk_len, n_buckets, layout.mode, layout.causal
-    count_rounds = R > 1 and layout.dedup
-    S = R * Lp
-    device = buckets.device
-    # Head- and round-qualified bucket id: equal ids mean same head, round and bucket.
-    qual = (torch.arange(G, device=device)[:, None] * R + torch.arange(R, device=device)) * (K + 1)
-    rb = (buckets + qual[..., None]).view(-1)  # (G * S,) in (head, round, position) order
-    rb_s, order = torch.sort(rb, stable=True)  # stable: positions ascend within a bucket
-    # Gathers rather than integer division by S and Lp (several times slower than a gather).
-    pos = torch.arange(Lp, device=device).expand(G, R, Lp)
-    src = (pos + (torch.arange(G, device=device) * Lp)[:, None, None]).reshape(-1)[order]
-    undo = torch.empty_like(order)
-    undo[order] = torch.arange(order.numel(), device=device)
-    real_s = (buckets != K).view(-1)[order]  # (G * S,) the slot holds a real token
-
-    # e(x) per round: j is in S_r(i) exactly when lo <= e_r(i) - e_r(j) <= hi.
-    #   chunk:  e = chunk index in sorted order, [lo, hi] = [-after, before];
-    #   window: e = sorted slot + bucket id * (C + 1), [lo, hi] = [0, C]: the slots of one
-    #           bucket are consecutive, and the spacing puts different buckets more than C
-    #           apart.
-    slot = torch.arange(G * S, device=device)
-    if mode == "chunk":
-        e_slot, lo, hi = slot.div(C, rounding_mode="floor"), -layout.after, layout.before
-    else:
-        e_slot, lo, hi = slot + rb_s * (C + 1), 0, C
-    e_tok = e_slot[undo].view(G, R, Lp)  # e of each (head, round, position)
-    # e of every round for the token in each sorted slot, doubled so that one test suffices:
-    # lo <= d <= hi  <=>  |2 d - (lo + hi)| <= T = hi - lo.
-    # (R, G * S); int32 halves the memory traffic of the counting passes when e fits in it
-    small = int(e_slot.max()) < INT32_KEYS_BELOW
-    e_all = (2 * e_tok).transpose(0, 1).reshape(R, G * Lp)[:, src]
-    e_all = e_all.to(torch.int32) if small else e_all
-    e_q, T = e_all - (lo + hi), hi - lo
-    P, Q, W = layout.before * C, layout.after * C, layout.width
-    e_k = torch.cat([e_all.new_zeros(R, P), e_all, e_all.new_zeros(R, Q)], dim=1)  # fillers
-
-    N = Lp // C
-    rows = G * R * N
-    if mode == "window":
-        # Candidates sit in a band of the (C, 2C) layout: query c, key c + t, t = 0..C (the C
-        # nearest earlier slots and itself). Same-bucket keys in it are earlier positions.
-        q_id = torch.where(real_s, rb_s, -2).to(e_all.dtype)  # padded queries match nothing
-        k_id = _with_filler(rb_s.to(e_all.dtype), C, value=-1)
-        codes.zero_()
-        for sl in row_slices(rows, C * (C + 1)):
-            m, a = sl.stop - sl.start, sl.start * C
-
-            # (C + G*S,) -> (m, C, C + 1): x[a + mC + c + t], the keys of the band
-            band = functools.partial(_strided, shape=(m, C, C + 1), strides=(C, 1, 1), at=a)
-            ok = q_id[a : a + m * C].view(m, C, 1) == band(k_id)
-            count = _count_rounds(e_q, e_k, a, m, C, T, band) if count_rounds else ok.to(torch.int8)
-            count.mul_(ok)
-            codes[sl].as_strided((m, C, C + 1), (2 * C * C, 2 * C + 1, 1)).copy_(count)
-        return src, undo
-
-    pos_sorted = pos.to(torch.int32).reshape(-1)[order]
-    pos_s = _with_filler(pos_sorted, P, Q)
-    k_real = _with_filler(real_s, P, Q, False)
-    back_half = torch.arange(W, device=device) < C
-    block = torch.arange(W, device=device).div(C, rounding_mode="floor") - layout.before
-    for sl in row_slices(rows, C * W):
-        m, a = sl.stop - sl.start, sl.start * C
-
-        # (P + G*S + Q,) -> (m, 1, W): x[a + mC + w], the keys of the window
-        window = functools.partial(_strided, shape=(m, 1, W), strides=(C, 0, 1), at=a)
-        q_pos = pos_s[P + a : P + a + m * C].view(m, C, 1)
-        ok = real_s[a : a + m * C].view(m, C, 1) & window(k_real)
-        if layout.wrap:
-            # Another round's copy of the query itself (only a look-back can hold one) is
-            # dropped: transformers gives it the self score, which adds exactly nothing.
-            ok = ok & ~(back_half & (window(pos_s) == q_pos))
-        else:
-            # No window crosses a round's ends: block b of row n (chunk n % N of its round)
-            # holds chunk n % N + b, which must lie in 0..N-1.
-            n_r = (torch.arange(sl.start, sl.stop, device=device) % N)[:, None] + block
-            ok = ok & ((n_r >= 0) & (n_r < N))[:, None, :]
-        if causal:
-            ok = ok & (window(pos_s) <= q_pos)
-        count = _count_rounds(e_q, e_k, a, m, C, T, window) if count_rounds else ok.to(torch.int8)
-        codes[sl] = count.mul_(ok)
-    if layout.wrap:
-        # Each head's first row looks back at the head's last C slots (round R-1's last
-        # chunk), not at the C slots before it in the group: rewrite its look-back half.
-        first_q = (torch.arange(G, device=device) * S)[:, None] + torch.arange(C, device=device)
-        last_k = first_q + (S - C)  # (G, C)
-        q_pos, k_pos = pos_sorted[first_q][:, :, None], pos_sorted[last_k][:, None, :]
-        ok = real_s[first_q][:, :, None] & real_s[last_k][:, None, :] & (k_pos != q_pos)
-        if causal:
-            ok = ok & (k_pos <= q_pos)
-        codes[torch.arange(G, device=device) * (R * N), :, :C] = ok.to(torch.int8)
-    return src, undo
-
-
-def _strided(x: Tensor, *, shape: tuple[int, ...], strides: tuple[int, ...], at: int) -> Tensor:
-    return x.as_strided(shape, strides, x.storage_offset() + at)
-
-
-def _count_rounds(e_q, e_k, a, m, C, T, keys_view) -> Tensor:
-    """N_ij for the rows' pairs: the number of rounds r with 0 <= e_r(i) - e_r(j) <= T."""
-    count = None
-    for r in range(e_q.shape[0]):
-        d = e_q[r, a : a + m * C].view(m, C, 1) - keys_view(e_k[r])
-        hit = d.abs_() <= T
-        count = hit.to(torch.int8) if count is None else count.add_(hit)
-    assert count is not None
-    return count
 
 
 class _LSHCore(torch.autograd.Function):
@@ -368,7 +215,7 @@ class _LSHCore(torch.autograd.Function):
         for g in groups:
             G, rows = g.stop - g.start, slice(g.start * R * N, g.stop * R * N)
             flat = slice(g.start * S, g.stop * S)
-            src_g, undo = _group_layout(buckets[g], n_buckets, layout, codes[rows])
+            src_g, undo = group_layout(buckets[g], n_buckets, layout, codes[rows])
             rows_g = _head_rows(g, Lp, H, q.device)  # (head, position) -> row of q_f
             src_g = rows_g[src_g]
             src[flat] = src_g
@@ -475,7 +322,7 @@ class _SliceBuffers:
     """Reused per-slice buffers: a slice's queries (m C, D), and its keys and values with the
     slots around it (W - C + m C, D), gathered in sorted order; two (m, C, W) score tiles."""
 
-    def __init__(self, like: Tensor, layout: _Layout, rows: int, stat: torch.dtype) -> None:
+    def __init__(self, like: Tensor, layout: Layout, rows: int, stat: torch.dtype) -> None:
         C, W = layout.chunk_len, layout.width
         self.like, self.C, self.layout = like, C, layout
         self.max_rows = min(rows, slice_rows(C * W))

@@ -277,7 +277,13 @@ class ClassifyRecipe(Recipe):
         path = out / SPM_FILE
         if self.rank == 0 and not path.exists():
             out.mkdir(parents=True, exist_ok=True)
-            SentencePieceTokenizer.train(texts, cfg.encoder.spm_vocab_size, path, seed=cfg.seed)
+            try:
+                SentencePieceTokenizer.train(texts, cfg.encoder.spm_vocab_size, path, seed=cfg.seed)
+            except ValueError as e:
+                raise ValueError(
+                    f"encoder.spm_vocab_size={cfg.encoder.spm_vocab_size}: {e} (set "
+                    "--encoder.spm-vocab-size lower, or give a trained model as --tokenizer)"
+                ) from e
         barrier()  # the other ranks load the model rank 0 wrote
         return SentencePieceTokenizer(path)
 
