@@ -189,7 +189,12 @@ def _hf_dir(tmp_path, **over):
 @pytest.mark.parametrize(
     "over,field",
     [
-        (dict(is_decoder=False), "is_decoder"),
+        (dict(architectures=["ReformerForSequenceClassification"]), "architectures"),
+        (dict(is_decoder=False), "is_decoder"),  # a ReformerModelWithLMHead's files
+        (
+            dict(is_decoder=False, architectures=["ReformerForMaskedLM"], local_num_chunks_after=1),
+            "different chunk neighbours",
+        ),
         (dict(lsh_num_chunks_after=1), "lsh_num_chunks_after"),
         (dict(hidden_act="gelu_new"), "hidden_act"),
         (dict(num_buckets=None), "num_buckets"),
@@ -204,10 +209,48 @@ def test_import_refuses_what_it_cannot_represent(tmp_path, over, field):
         from_transformers(_hf_dir(tmp_path, **over))
 
 
-def test_import_refuses_encoder_instances():
-    mlm = ReformerForMaskedLM(HFConfig(**CRIME_LIKE, is_decoder=False))
-    with pytest.raises(InteropError, match="ReformerForMaskedLM"):
-        from_transformers(mlm)
+def hf_masked_lm(shape: dict, **over) -> ReformerForMaskedLM:
+    kw = dict(shape, is_decoder=False, hidden_dropout_prob=0.0, hash_seed=11) | over
+    torch.manual_seed(2)
+    model = ReformerForMaskedLM(HFConfig(**kw)).to(F64).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "layer_norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("length", [64, 75, 8])  # chunk multiple, not, one local chunk
+def test_masked_lm_import_matches_transformers(shape, length):
+    """ReformerForMaskedLM (is_decoder false): non-causal LSH with the wrapped look-back and
+    local attention wrapping around the ends, logits equal in float64, with padding."""
+    hf = hf_masked_lm(SHAPES[shape], num_hashes=2)
+    lm = from_transformers(hf)
+    assert not lm.config.causal and lm.config.local_wrap and lm.config.resolved_chunks == (1, 0)
+    ids = torch.randint(0, hf.config.vocab_size, (2, length))
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[1, length - length // 3 :] = 0
+    with torch.no_grad():
+        ours, theirs = lm(ids), hf(ids).logits
+        assert float((ours - theirs).abs().max()) < TOL
+        ours, theirs = lm(ids, mask), hf(ids, attention_mask=mask).logits
+        real = mask.bool()
+        assert float((ours - theirs)[real].abs().max()) < TOL
+
+
+def test_masked_lm_directory_imports_and_convert_refuses(tmp_path, capsys):
+    from reformer.cli import main
+
+    hf = hf_masked_lm(CRIME_LIKE)
+    hf.save_pretrained(tmp_path / "mlm")
+    lm = from_transformers(tmp_path / "mlm")
+    ids = torch.randint(0, 320, (1, 40))
+    with torch.no_grad():
+        assert float((lm(ids) - hf(ids).logits).abs().max()) < TOL
+    out = tmp_path / "run"
+    assert main(["convert", "--from-transformers", str(tmp_path / "mlm"), "--out", str(out)]) == 2
+    assert "from_transformers" in capsys.readouterr().err and not out.exists()
 
 
 @pytest.mark.parametrize(

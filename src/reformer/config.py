@@ -134,6 +134,10 @@ class ReformerConfig:
     """LSH look-back wraps around (transformers, trax): the first sorted chunk of each round
     sees the last chunk of the previous round (round 0: of the last round). Needs
     lsh_mode='chunk' and lsh_dedup=False. False: a round's first chunk has no look-back."""
+    local_wrap: bool = False
+    """Encoders' local attention wraps around the sequence's ends (transformers' encoders:
+    the first chunk's look-back is the last chunk), padded to pad_multiple like LSH. Needs
+    causal=False. False: chunks past the ends are masked."""
     lsh_dedup: bool = True
     """Duplicate correction: each LSH score minus log N_ij (N_ij the rounds whose candidate
     set holds j), which makes the rounds' combination exactly softmax over their union.
@@ -177,6 +181,7 @@ class ReformerConfig:
         _check_int("chunks_after", self.chunks_after, 0, optional=True)
         _check_bool("lsh_wrap", self.lsh_wrap)
         _check_bool("lsh_dedup", self.lsh_dedup)
+        _check_bool("local_wrap", self.local_wrap)
         _check_bool("attn_out_bias", self.attn_out_bias)
         _check_bool("tie_embeddings", self.tie_embeddings)
         if self.ff_activation not in FF_ACTIVATIONS:
@@ -261,6 +266,11 @@ class ReformerConfig:
                 f"{self.chunks_after}: causal models attend to their own chunk and the one "
                 "before it (the window mode and the decode cache rely on it); wider windows "
                 "are for encoders (causal=False). Leave both None"
+            )
+        if self.local_wrap and self.causal:
+            raise ValueError(
+                "ReformerConfig.local_wrap=True needs causal=False: in a causal model the "
+                "wrapped chunk lies in the future and is masked anyway"
             )
         if self.lsh_wrap and self.resolved_chunks != (1, 0):
             raise ValueError(

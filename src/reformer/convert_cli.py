@@ -58,6 +58,12 @@ def _import(args: ConvertArgs) -> int:
         raise ValueError(f"--out {out} already holds a run; choose another directory")
     lm = from_transformers(src)  # every refusal happens here, before anything is written
     cfg_m = lm.config
+    if not cfg_m.causal:
+        raise ValueError(
+            f"{src} is an encoder (ReformerForMaskedLM): `reformer convert` writes language-"
+            "model runs; load it in Python with reformer.interop.from_transformers (its "
+            "vocabulary is its own tokenizer's, not this library's byte + mask scheme)"
+        )
     spm = next((src / f for f in SPM_FILES if (src / f).is_file()), None)
     task = args.task or ("text" if spm is not None else "enwik8")
     tokenizer = None

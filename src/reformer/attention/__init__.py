@@ -60,6 +60,7 @@ class Attention(nn.Module):
         self.key_norm = config.key_norm
         self.hash_seed = config.hash_seed
         self.pad_multiple = config.pad_multiple
+        self.local_wrap = config.local_wrap
         self.chunks_before, self.chunks_after = config.resolved_chunks
         self.shared_qk = config.shared_qk_for(kind)
         inner = self.n_heads * self.head_dim
@@ -168,6 +169,17 @@ class Attention(nn.Module):
                 chunks_after=self.chunks_after,
             )[:, :, :L]
         if self.kind == "local":
+            if self.local_wrap:
+                # transformers pads every layer to the same multiple: which chunk is the
+                # last one (chunk 0's wrapped look-back) depends on it.
+                Lp = padded_length(L, self.pad_multiple or 1)
+                if Lp != L:
+                    mask = torch.ones(B, L, dtype=torch.bool, device=q.device)
+                    if attention_mask is not None:
+                        mask = attention_mask.to(device=q.device, dtype=torch.bool)
+                    attention_mask = pad_to(mask, Lp, dim=1)
+                    q, v = pad_to(q, Lp, dim=2), pad_to(v, Lp, dim=2)
+                    k = None if k is None else pad_to(k, Lp, dim=2)
             return local_attention(
                 q,
                 k,
@@ -178,7 +190,8 @@ class Attention(nn.Module):
                 key_norm=self.key_norm,
                 chunks_before=self.chunks_before,
                 chunks_after=self.chunks_after,
-            )
+                wrap=self.local_wrap,
+            )[:, :, :L]
         return full_attention(
             q, k, v, causal=self.causal, attention_mask=attention_mask, key_norm=self.key_norm
         )

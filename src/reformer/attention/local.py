@@ -38,6 +38,7 @@ def local_attention(
     key_norm: str = "l2",
     chunks_before: int = 1,
     chunks_after: int = 0,
+    wrap: bool = False,
 ) -> Tensor:
     """Chunked local attention over the own chunk and its neighbours.
 
@@ -51,7 +52,10 @@ def local_attention(
         attention_mask: optional (B, L), True/1 at real tokens.
         key_norm: shared-QK keys' normalisation, "l2" or "rms" (`common.unit_keys`).
         chunks_before, chunks_after: how many neighbouring chunks on each side a chunk
-            attends to (chunks past the sequence's ends are masked, never wrapped).
+            attends to (chunks past the sequence's ends are masked unless `wrap`).
+        wrap: (not causal) the neighbours wrap around the ends, as transformers' encoders
+            do: chunk 0's look-back is the last chunk (a sequence of one chunk attends to
+            itself once).
     Returns:
         (B, H, L, D).
     """
@@ -70,7 +74,11 @@ def local_attention(
     pos = torch.arange(Lp, device=q.device).view(N, C)
     q_pos = pos[:, :, None]  # (N, C, 1)
     k_pos = look_around(pos, nb, na, dim=-1)[:, None, :]  # (N, 1, W); ends wrap around
-    allowed = around_ok(1, N, C, q.device, nb, na)  # (N, 1, W): the wraps masked
+    assert not (wrap and causal), "a causal model masks the wrapped chunks anyway"
+    if wrap and N > 1:
+        allowed = torch.ones(N, 1, W, dtype=torch.bool, device=q.device)
+    else:
+        allowed = around_ok(1, N, C, q.device, nb, na)  # (N, 1, W): the wraps masked
     if causal:
         allowed = allowed & (k_pos <= q_pos)
     valid = valid_positions(B, L, Lp, attention_mask, q.device).view(B, N, C)

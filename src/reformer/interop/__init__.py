@@ -1,4 +1,5 @@
-"""Read and write transformers' Reformer checkpoints (`ReformerModelWithLMHead`).
+"""Read and write transformers' Reformer checkpoints (`ReformerModelWithLMHead`; import
+also `ReformerForMaskedLM`, as a causal=False ReformerLM).
 
     lm = from_transformers("path/to/reformer-enwik8")      # a local directory, or an instance
     to_transformers(lm, "out/dir")                          # config.json + model.safetensors
@@ -36,6 +37,7 @@ CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_FILE = "pytorch_model.bin"
+IMPORTABLE = ("ReformerModelWithLMHead", "ReformerForMaskedLM")
 SPM_FILES = ("spiece.model", "tokenizer.model", "spm.model")
 
 
@@ -75,24 +77,29 @@ def read_transformers_dir(path: str | os.PathLike[str]) -> tuple[dict[str, Any],
 
 
 def from_transformers(model_or_dir: Any) -> ReformerLM:
-    """A transformers `ReformerModelWithLMHead` (instance) or a local directory holding one
-    -> ReformerLM with the same weights and semantics, in eval mode, in the weights' dtype.
+    """A transformers `ReformerModelWithLMHead` or `ReformerForMaskedLM` (instance) or a
+    local directory holding one -> ReformerLM with the same weights and semantics (a masked
+    LM: causal=False), in eval mode, in the weights' dtype.
 
-    Raises InteropError naming the field that cannot be represented here (an encoder-only
-    checkpoint, num_chunks_after > 0, an unknown activation, num_buckets null, ...).
+    Raises InteropError naming the field that cannot be represented here (a classification
+    head, LSH num_chunks_after > 0, an unknown activation, num_buckets null, ...).
     """
     if isinstance(model_or_dir, (str, os.PathLike)):
         hf, state = read_transformers_dir(model_or_dir)
+        other = [a for a in hf.get("architectures") or [] if a not in IMPORTABLE]
+        if other:
+            raise InteropError(
+                f"config.json architectures {other}: from_transformers imports "
+                f"{' and '.join(IMPORTABLE)} checkpoints (a classification or question-"
+                "answering head has no counterpart here; fine-tune with `reformer train "
+                "--task classify` instead)"
+            )
     else:
         name = type(model_or_dir).__name__
-        if name != "ReformerModelWithLMHead":
+        if name not in IMPORTABLE:
             raise InteropError(
-                f"from_transformers takes a ReformerModelWithLMHead or a directory; got {name}"
-                + (
-                    " (an encoder head: not supported yet)"
-                    if name.startswith("ReformerFor")
-                    else ""
-                )
+                "from_transformers takes a ReformerModelWithLMHead, a ReformerForMaskedLM or "
+                f"a directory of one; got {name}"
             )
         hf, state = model_or_dir.config.to_dict(), model_or_dir.state_dict()
     cfg = config_from_hf(hf)

@@ -5,7 +5,9 @@ A `ReformerModelWithLMHead` is this library's reversible causal LM with the swit
 the chunk layout with look-back wrap and no duplicate correction, its key normalisation,
 ReLU (both released checkpoints), no attention output bias, per-kind chunk lengths, explicit
 bucket factors and, when its config sets one, its hash seed. Everything else maps one to one
-(the axial tables squeezed). Nothing here imports transformers.
+(the axial tables squeezed). A `ReformerForMaskedLM` (is_decoder false) is the same with
+causal=False and local attention that wraps around the ends, as transformers' does. Nothing
+here imports transformers.
 """
 
 from __future__ import annotations
@@ -52,11 +54,15 @@ def config_from_hf(hf: dict[str, Any]) -> ReformerConfig:
     InteropError naming the field that has no counterpart here."""
     if hf.get("model_type", "reformer") != "reformer":
         raise InteropError(f"config.json model_type is {hf.get('model_type')!r}, not 'reformer'")
-    if not hf.get("is_decoder", False):
+    causal = bool(hf.get("is_decoder", False))
+    archs = hf.get("architectures") or []
+    # transformers itself refuses these pairs when it builds the model
+    if ("ReformerModelWithLMHead" in archs and not causal) or (
+        "ReformerForMaskedLM" in archs and causal
+    ):
         raise InteropError(
-            "config.json is_decoder is false: an encoder (masked-LM or classification) "
-            "checkpoint. This library imports causal language models "
-            "(ReformerModelWithLMHead, is_decoder=true) only so far"
+            f"config.json architectures {archs} with is_decoder={causal}: a "
+            "ReformerModelWithLMHead needs is_decoder true, a ReformerForMaskedLM false"
         )
     kinds = list(_need(hf, "attn_layers"))
     bad = sorted(set(kinds) - {"lsh", "local"})
@@ -68,15 +74,26 @@ def config_from_hf(hf: dict[str, Any]) -> ReformerConfig:
             f"config.json num_hidden_layers={n_layers} but attn_layers has {len(kinds)} entries; "
             "transformers builds one layer per attn_layers entry"
         )
-    for kind in sorted(set(kinds)):
-        before = hf.get(f"{kind}_num_chunks_before", 1)
-        after = hf.get(f"{kind}_num_chunks_after", 0)
-        if before != 1 or after != 0:
+    arounds = {
+        kind: (hf.get(f"{kind}_num_chunks_before", 1), hf.get(f"{kind}_num_chunks_after", 0))
+        for kind in sorted(set(kinds))
+    }
+    for kind, (before, after) in arounds.items():
+        # Causal models and LSH's wrapped look-back: the paper's one chunk back. Encoders'
+        # local layers: any neighbours (one setting for all of them here).
+        if (causal or kind == "lsh") and (before, after) != (1, 0):
             raise InteropError(
                 f"config.json {kind}_num_chunks_before={before}, {kind}_num_chunks_after="
-                f"{after}: only 1 and 0 (each chunk attends to itself and the one before, "
-                "the paper's layout and both released checkpoints) are supported"
+                f"{after}: only 1 and 0 are supported for "
+                f"{'causal models' if causal else 'LSH layers'} (each chunk attends to "
+                "itself and the one before, the paper's layout and both released checkpoints)"
             )
+    if len(set(arounds.values())) > 1:
+        raise InteropError(
+            f"config.json sets different chunk neighbours per kind ({arounds}); this library "
+            "has one chunks_before / chunks_after setting for all layers"
+        )
+    around = next(iter(arounds.values()))
     act = hf.get("hidden_act", "relu")
     if act not in HF_ACTIVATIONS:
         raise InteropError(f"config.json hidden_act={act!r}; supported: {sorted(HF_ACTIVATIONS)}")
@@ -122,7 +139,10 @@ def config_from_hf(hf: dict[str, Any]) -> ReformerConfig:
             bucket_factors=factors,
             hash_seed=hf.get("hash_seed"),
             pad_multiple=_lcm_pad(set(kinds), lsh_c, local_c),
-            causal=True,
+            causal=causal,
+            chunks_before=None if causal else around[0],
+            chunks_after=None if causal else around[1],
+            local_wrap=not causal and "local" in kinds,
             reversible=True,
             dropout=float(hf.get("hidden_dropout_prob", 0.05)),  # transformers' default
             layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
