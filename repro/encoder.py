@@ -1,6 +1,6 @@
 """Issue 15's evidence: encoders on ListOps and masked-LM pre-training on the enwik8 prefix.
 
-    python -m repro.run listops [--length 1024] [--steps 600]   # LSH-2, LSH-4, local, full
+    python -m repro.run listops [--length 1024] [--steps 500]   # LSH-2, LSH-4, local, full
     python -m repro.run mlm [--steps 300]                        # LSH-4 against full attention
 
 Each run is an ordinary `reformer train` in a fresh process, in results/EXPERIMENT/RUN/
@@ -44,6 +44,7 @@ def listops_common(length: int, steps: int) -> list[str]:
         "--preset", "listops-small", "--seq-len", str(length),
         "--model.max-seq-len", str(length), "--model.chunk-len", "64",
         "--encoder.listops-min-len", str(length // 4), "--steps", str(steps),
+        "--batch-size", "8", "--eval-batches", "16",
         "--eval-every", str(max(1, steps // 6)), "--checkpoint-every", str(max(1, steps // 6)),
     ]  # fmt: skip
 

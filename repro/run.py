@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
             if name in ("listops", "mlm"):
                 from repro import encoder
 
-                steps = args.steps or (600 if name == "listops" else 300)
+                steps = args.steps or (500 if name == "listops" else 300)
                 encoder.run(name, args.data, args.results, steps, args.length)
                 continue
             run_experiment(name, args.data, args.results)

@@ -163,14 +163,15 @@ def plan_memory(
         C = cfg.chunk_len_for(kind) if kind != "full" else 1
         Lp = padded_length(length, C)
         core = ATTENTION_TENSORS * B * Lp * inner * act
+        n = sum(cfg.resolved_chunks) + 1  # chunks per window: 2 causal, 3 for encoders
         if kind == "lsh":
-            # per (batch, head, round, position): 2C pair codes (int8), the sorted slot's
+            # per (batch, head, round, position): n C pair codes (int8), the sorted slot's
             # source row (int64), its row maximum and weight (fp32), and its hash bucket
-            work = B * H * R * Lp * (2 * C + 8 + 4 + 4 + 8)
+            work = B * H * R * Lp * (n * C + 8 + 4 + 4 + 8)
         elif kind == "local":
-            # keys and values with their look-back chunk (2 L each), and their gradients;
-            # int8 codes of C x 2C per chunk
-            work = 4 * 2 * B * Lp * inner * act + B * H * Lp * 2 * C
+            # keys and values with their neighbouring chunks (n L each), and their
+            # gradients; int8 codes of C x n C per chunk
+            work = 4 * n * B * Lp * inner * act + B * H * Lp * n * C
         else:  # the (B, 1, L, L) bias and the (B, H, L, L) scores, probabilities, gradient
             work = B * length * length * 4 + 3 * B * H * length * length * 4
         return core, work
