@@ -90,3 +90,18 @@ def test_encoder_local_matches_reference(around, shared, length):
     out = local_attention(q, kk, v, **kw)
     ref = dense_attention_reference(q, kk, v, **kw)
     _check(out, ref, (q, k, v) if not shared else (q, v), mask)
+
+
+@pytest.mark.parametrize("around", [(1, 0), (1, 1), (2, 1)])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("length", [27, 21])  # 7 and 6 chunks: more than the window
+def test_wrapped_local_matches_reference(around, shared, length):
+    """local_wrap (transformers' encoders): neighbours counted around the sequence's ends."""
+    q, k, v, mask = _qkv(L=length, padded=True)
+    kk = None if shared else k
+    before, after = around
+    kw = dict(causal=False, attention_mask=mask, chunk_len=4, wrap=True)
+    kw |= dict(chunks_before=before, chunks_after=after)
+    out = local_attention(q, kk, v, **kw)
+    ref = dense_attention_reference(q, kk, v, **kw)
+    _check(out, ref, (q, k, v) if not shared else (q, v), mask)

@@ -23,12 +23,19 @@ ENCODER = [
 ]  # fmt: skip
 
 
-def run_cli(*args: str, crash_at: int | None = None, stdin: str | None = None):
+def run_cli(*args: str, crash_at: int | None = None, stdin: str | None = None, cwd=None):
     cmd = [sys.executable, "-m", "reformer", *args]
     if crash_at is not None:
         cmd = [sys.executable, CRASH_RUN, str(crash_at), *args]
     env = os.environ | {"CRASH_SIGNAL": "KILL"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, input=stdin, env=env)
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, input=stdin, env=env, cwd=cwd
+    )
+
+
+def _last_eval_loss(run: Path) -> float:
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if "eval_loss" in r][-1]["eval_loss"]
 
 
 def _losses(run: Path) -> dict[int, float]:
@@ -116,8 +123,7 @@ def test_listops_trains_resumes_evaluates_and_predicts(tmp_path):
     assert [r["n_hashes"] for r in rows] == [1, 2]
     assert all(0 <= r["accuracy"] <= 1 and r["loss"] > 0 for r in rows)
     # the run's own last evaluation (2 hashes, same seed) is what eval reproduces
-    last = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()][-1]
-    assert rows[1]["loss"] == pytest.approx(last["eval_loss"], abs=1e-6)
+    assert rows[1]["loss"] == pytest.approx(_last_eval_loss(ref), abs=1e-6)
 
     from reformer.encoder import listops
 
@@ -128,8 +134,25 @@ def test_listops_trains_resumes_evaluates_and_predicts(tmp_path):
     assert pred.returncode == 0, pred.stderr
     recs = [json.loads(x) for x in pred.stdout.splitlines()]
     assert len(recs) == 12 and all(r["label"] in [str(i) for i in range(10)] for r in recs)
-    assert all(abs(sum(r["probs"].values()) - 1) < 1e-4 for r in recs)
     assert "accuracy" in pred.stderr
+    # the probabilities are the model's own, as Python computes them on the same batch
+    import torch
+
+    from reformer.encoder.data import LabelledSet
+    from reformer.encoder.train import load_encoder_run, run_tokenizer
+
+    model, cfg, _, _, state = load_encoder_run(ref, torch.device("cpu"))
+    rows = [(t, str(v)) for t, v in examples]
+    ds = LabelledSet.from_examples(
+        rows, run_tokenizer(cfg, state), state["labels"], max_len=64, add_cls=False
+    )
+    torch.manual_seed(0)  # predict's default --seed
+    ids, mask, _ = next(ds.eval_batches(16))
+    with torch.no_grad():
+        probs = torch.softmax(model(ids, mask), -1)
+    for rec, row in zip(recs, probs):
+        assert [rec["probs"][n] for n in state["labels"]] == pytest.approx(row.tolist(), abs=1e-5)
+        assert rec["label"] == state["labels"][int(row.argmax())]
     piped = run_cli("predict", "--checkpoint", str(ref), stdin=examples[0][0] + "\n")
     assert json.loads(piped.stdout)["label"] == recs[0]["label"]  # same seed, same answer
 
@@ -146,6 +169,13 @@ def test_mlm_trains_resumes_and_evaluates(tmp_path):
     ev = run_cli("eval", "--checkpoint", str(ref), "--split", "test", "--batches", "2")
     assert ev.returncode == 0, ev.stderr
     assert "masked_accuracy" in ev.stdout and "test split" in ev.stdout
+    out = tmp_path / "val.json"
+    ev = run_cli("eval", "--checkpoint", str(ref), "--batches", "2", "--json", str(out))
+    assert ev.returncode == 0, ev.stderr
+    row = json.loads(out.read_text())["rows"][0]  # the run's last evaluation, reproduced
+    assert row["loss"] == pytest.approx(_last_eval_loss(ref), abs=1e-6)
+    assert row["bits"] == pytest.approx(row["loss"] / 0.6931471805599453)
+    assert 0 <= row["masked_accuracy"] <= 1
     pred = run_cli("predict", "--checkpoint", str(ref), stdin="abc\n")
     assert pred.returncode == 2 and "masked-LM run" in pred.stderr
 
@@ -182,10 +212,30 @@ def test_classify_trains_resumes_evaluates_and_predicts(tmp_path, fmt):
     ev = run_cli("eval", "--checkpoint", str(ref), "--split", "test")
     assert ev.returncode == 0, ev.stderr
     assert "macro_f1" in ev.stdout
+    out = tmp_path / "test.json"
+    ev = run_cli("eval", "--checkpoint", str(ref), "--batches", "2", "--json", str(out))
+    assert json.loads(out.read_text())["rows"][0]["loss"] == pytest.approx(
+        _last_eval_loss(ref), abs=1e-6
+    )  # the run's last evaluation (2 batches of val), reproduced
     pred = run_cli("predict", "--checkpoint", str(ref), stdin="ball the ball\natom of atom a\n")
     assert pred.returncode == 0, pred.stderr
-    labels = [json.loads(x)["label"] for x in pred.stdout.splitlines()]
-    assert len(labels) == 2 and set(labels) <= {"sport", "science"}
+    recs = [json.loads(x) for x in pred.stdout.splitlines()]
+    assert len(recs) == 2 and all(r["label"] in ("sport", "science") for r in recs)
+    assert all(0.5 <= r["confidence"] <= 1 for r in recs)  # the argmax of two classes
+    if fmt == "tsv":
+        # A --tokenizer given relative to the working directory is found by eval and
+        # predict from anywhere (the checkpoint stores where it is).
+        (tmp_path / "tok").mkdir()
+        (tmp_path / "tok" / "my.model").write_bytes((ref / "spm.model").read_bytes())
+        args2 = [
+            "train", "--preset", "classify-small", "--data", "data", "--steps", "1",
+            "--encoder.vocab", "sentencepiece", "--tokenizer", "tok/my.model",
+            "--model.vocab-size", "18", "--out", "clf2", *common,
+        ]  # fmt: skip
+        done = run_cli(*args2, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        pred = run_cli("predict", "--checkpoint", str(tmp_path / "clf2"), stdin="ball\n", cwd="/")
+        assert pred.returncode == 0, pred.stderr
 
 
 def _run(argv: list[str]) -> int:

@@ -239,6 +239,19 @@ def test_masked_lm_import_matches_transformers(shape, length):
         assert float((ours - theirs)[real].abs().max()) < TOL
 
 
+@pytest.mark.parametrize("around", [(1, 1), (0, 0), (2, 1)])
+def test_local_masked_lm_with_wider_windows_matches_transformers(around):
+    """A local-only encoder may set its neighbours freely (one setting for all layers)."""
+    before, after = around
+    shape = dict(CRIME_LIKE, attn_layers=["local", "local"], num_hashes=1)
+    hf = hf_masked_lm(shape, local_num_chunks_before=before, local_num_chunks_after=after)
+    lm = from_transformers(hf)
+    assert lm.config.resolved_chunks == around and lm.config.local_wrap
+    ids = torch.randint(0, 320, (2, 61))
+    with torch.no_grad():
+        assert float((lm(ids) - hf(ids).logits).abs().max()) < TOL
+
+
 def test_masked_lm_directory_imports_and_convert_refuses(tmp_path, capsys):
     from reformer.cli import main
 

@@ -109,7 +109,9 @@ class ReformerConfig:
     """Positions per chunk of the output logits and loss; None: unchunked."""
     tie_embeddings: bool = False
     """Output logits through the token embedding matrix: norm -> Linear(W, d_model) ->
-    E^T + bias (W = 2 d_model when reversible). False: an untied Linear(W, vocab_size)."""
+    E^T + bias (W = 2 d_model when reversible). False: an untied Linear(W, vocab_size).
+    A classifier replaces the output layer by its class head, tied or not (so a tied masked
+    LM fine-tunes into one)."""
     pos_emb: str = "axial"
     """'axial' | 'absolute' | 'none'."""
     axial_shape: tuple[int, ...] | None = None
@@ -272,7 +274,7 @@ class ReformerConfig:
                 "ReformerConfig.local_wrap=True needs causal=False: in a causal model the "
                 "wrapped chunk lies in the future and is masked anyway"
             )
-        if self.lsh_wrap and self.resolved_chunks != (1, 0):
+        if self.lsh_wrap and "lsh" in pattern and self.resolved_chunks != (1, 0):
             raise ValueError(
                 f"ReformerConfig.lsh_wrap=True needs chunks_before=1 and chunks_after=0 (got "
                 f"{self.resolved_chunks}): the wrap is transformers' one-chunk look-back"

@@ -260,6 +260,24 @@ class TrainConfig:
                 f"task {self.task!r} trains an encoder: set --model.causal False (or "
                 "start from an encoder preset: mlm-small, classify-small, listops-small)"
             )
+        if self.task in ("duplication", "enwik8", "text", "images") and not self.model.causal:
+            raise ValueError(
+                f"task {self.task!r} trains a next-token language model, which must be causal "
+                "(a non-causal one sees the token it predicts): remove --model.causal False, "
+                "or use task mlm for a bidirectional model"
+            )
+        enc = self.encoder
+        if (
+            self.task == "classify"
+            and enc.vocab == "sentencepiece"
+            and self.tokenizer is None
+            and self.model.vocab_size < enc.spm_vocab_size + 2
+        ):
+            raise ValueError(
+                f"model.vocab_size={self.model.vocab_size} cannot hold the sentencepiece "
+                f"vocabulary of encoder.spm_vocab_size={enc.spm_vocab_size} plus the mask and "
+                f"CLS tokens; set --model.vocab-size {enc.spm_vocab_size + 2}"
+            )
         if not 1 <= self.image_side <= 64 or 64 % self.image_side:
             raise ValueError(f"image_side must divide 64 (1..64); got {self.image_side}")
 

@@ -133,6 +133,20 @@ class Attention(nn.Module):
         first = [self.qk] if self.shared_qk else [self.q, self.k]
         return [*first, self.v]
 
+    def _pad(self, q: Tensor, k: Tensor | None, v: Tensor, attention_mask: Tensor | None):
+        """Heads (B, H, L, D) and mask padded to a multiple of pad_multiple with masked
+        positions (unchanged when L is one already)."""
+        B, _, L, _ = q.shape
+        Lp = padded_length(L, self.pad_multiple or 1)
+        if Lp == L:
+            return q, k, v, attention_mask
+        mask = torch.ones(B, L, dtype=torch.bool, device=q.device)
+        if attention_mask is not None:
+            mask = attention_mask.to(device=q.device, dtype=torch.bool)
+        q, v = pad_to(q, Lp, dim=2), pad_to(v, Lp, dim=2)
+        k = None if k is None else pad_to(k, Lp, dim=2)
+        return q, k, v, pad_to(mask, Lp, dim=1)
+
     def core(
         self,
         q: Tensor,
@@ -143,16 +157,10 @@ class Attention(nn.Module):
     ) -> Tensor:
         """The attention of this kind on (B, H, L, D) heads (k None: shared QK), before the
         output projection; rotations: LSH's, from `draw_rotations`."""
-        B, _, L, _ = q.shape
+        L = q.shape[2]
         if self.kind == "lsh":
             assert rotations is not None
-            Lp = padded_length(L, self.pad_multiple or 1)
-            if Lp != L:  # pad to the multiple with masked positions
-                mask = torch.ones(B, L, dtype=torch.bool, device=q.device)
-                if attention_mask is not None:
-                    mask = attention_mask.to(device=q.device, dtype=torch.bool)
-                attention_mask = pad_to(mask, Lp, dim=1)
-                q, v = pad_to(q, Lp, dim=2), pad_to(v, Lp, dim=2)
+            q, k, v, attention_mask = self._pad(q, k, v, attention_mask)
             return lsh_attention(
                 q,
                 v,
@@ -172,14 +180,7 @@ class Attention(nn.Module):
             if self.local_wrap:
                 # transformers pads every layer to the same multiple: which chunk is the
                 # last one (chunk 0's wrapped look-back) depends on it.
-                Lp = padded_length(L, self.pad_multiple or 1)
-                if Lp != L:
-                    mask = torch.ones(B, L, dtype=torch.bool, device=q.device)
-                    if attention_mask is not None:
-                        mask = attention_mask.to(device=q.device, dtype=torch.bool)
-                    attention_mask = pad_to(mask, Lp, dim=1)
-                    q, v = pad_to(q, Lp, dim=2), pad_to(v, Lp, dim=2)
-                    k = None if k is None else pad_to(k, Lp, dim=2)
+                q, k, v, attention_mask = self._pad(q, k, v, attention_mask)
             return local_attention(
                 q,
                 k,

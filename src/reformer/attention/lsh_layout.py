@@ -159,7 +159,8 @@ def strided(x: Tensor, *, shape: tuple[int, ...], strides: tuple[int, ...], at: 
 
 
 def round_counts(e_q, e_k, a, m, C, T, keys_view) -> Tensor:
-    """N_ij for the rows' pairs: the number of rounds r with 0 <= e_r(i) - e_r(j) <= T."""
+    """N_ij for the rows' pairs: the number of rounds r with lo <= e_r(i) - e_r(j) <= hi,
+    tested as |e_q - e_k| <= T on the shifted, doubled keys (`group_layout`)."""
     count = None
     for r in range(e_q.shape[0]):
         d = e_q[r, a : a + m * C].view(m, C, 1) - keys_view(e_k[r])

@@ -141,11 +141,13 @@ def dense_attention_reference(
     chunk_len: int | None = None,
     chunks_before: int = 1,
     chunks_after: int = 0,
+    wrap: bool = False,
 ) -> Tensor:
     """Full attention, or local attention when `chunk_len` is given (j's chunk is i's, one
-    of the chunks_before before it or one of the chunks_after after it). `k=None` means
-    shared QK: unit keys, no 1/sqrt(D), self score SELF_SCORE. (B, H, L, D) ->
-    (B, H, L, D); rows of padded queries are 0."""
+    of the chunks_before before it or one of the chunks_after after it; with `wrap`,
+    counted around the ends of the chunked sequence padded to a multiple of chunk_len).
+    `k=None` means shared QK: unit keys, no 1/sqrt(D), self score SELF_SCORE.
+    (B, H, L, D) -> (B, H, L, D); rows of padded queries are 0."""
     B, H, L, D = q.shape
     pos = torch.arange(L, device=q.device)
     allowed = _valid(attention_mask, B, L, q.device)[:, None, None, :].expand(B, H, L, L)
@@ -153,7 +155,11 @@ def dense_attention_reference(
         allowed = allowed & (pos[None, :] <= pos[:, None])
     if chunk_len is not None:
         ci, cj = pos[:, None] // chunk_len, pos[None, :] // chunk_len
-        allowed = allowed & (cj - ci >= -chunks_before) & (cj - ci <= chunks_after)
+        d = cj - ci
+        if wrap:
+            n = -(-L // chunk_len)
+            d = (d + chunks_before) % n - chunks_before  # the offset around the ring
+        allowed = allowed & (d >= -chunks_before) & (d <= chunks_after)
     if k is None:
         scores = q @ _unit(q).transpose(-1, -2)
         scores = scores.masked_fill(torch.eye(L, dtype=torch.bool, device=q.device), SELF_SCORE)

@@ -66,7 +66,7 @@ def _eager_scores(s: Tensor, code: Tensor, self_at: int) -> tuple[Tensor, Tensor
 
 
 def eager_forward(s: Tensor, code: Tensor, self_at: int, top: Tensor, total: Tensor) -> Tensor:
-    """Scores s (m, C, 2C) -> p, written over s; the row maximum and sum go to `top` and
+    """Scores s (m, C, W) -> p, written over s; the row maximum and sum go to `top` and
     `total` (m, C)."""
     s, weight = _eager_scores(s, code, self_at)
     torch.amax(s, dim=-1, out=top)
@@ -79,7 +79,7 @@ def eager_forward(s: Tensor, code: Tensor, self_at: int, top: Tensor, total: Ten
 def eager_backward(
     s: Tensor, code: Tensor, self_at: int, top: Tensor, scale: Tensor, dp: Tensor, dot: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Scores s and dP (m, C, 2C); top, scale, dot (m, C) -> (dS written over dp, p written
+    """Scores s and dP (m, C, W); top, scale, dot (m, C) -> (dS written over dp, p written
     over s) with p = exp(s' - top) / N_ij * scale."""
     s, weight = _eager_scores(s, code, self_at)
     weight.mul_(scale[..., None])

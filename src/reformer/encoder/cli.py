@@ -99,49 +99,21 @@ class PredictArgs:
     device: str = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
     seed: int = 0
-    """Seeds the LSH hash rotations: the same inputs get the same predictions."""
+    """Seeds the LSH hash rotations: the same command gives the same predictions. (LSH
+    draws its rotations per batch, and with model.n_buckets None the bucket count follows
+    the batch's longest row: a text's prediction can change with its batch.)"""
 
 
 def _read_inputs(path: str | None) -> tuple[list[str], list[str] | None]:
-    """(texts, labels or None)."""
-    if path is not None and Path(path).suffix in (".jsonl", ".tsv"):
-        p = Path(path)
-        has_label = _has_labels(p)
-        if has_label:
-            rows = read_labelled(p)
-            return [t for t, _ in rows], [label for _, label in rows]
-        return _texts_only(p), None
+    """(texts, labels, or None unless every input has one)."""
+    if path is not None and Path(path).suffix.lower() in (".jsonl", ".tsv"):
+        rows = read_labelled(path, require_label=False)
+        labels = [label for _, label in rows]
+        return [t for t, _ in rows], None if None in labels else labels  # type: ignore[return-value]
     if path is not None and not Path(path).is_file():
         raise ValueError(f"--input {path}: no such file")
     text = Path(path).read_text(encoding="utf-8") if path else sys.stdin.read()
     return [line for line in text.splitlines() if line.strip()], None
-
-
-def _has_labels(p: Path) -> bool:
-    first = next((line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()), "")
-    if p.suffix == ".tsv":
-        return "label" in first.split("\t")
-    try:
-        return "label" in json.loads(first)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: line 1 is not JSON ({e})") from e
-
-
-def _texts_only(p: Path) -> list[str]:
-    lines = [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if p.suffix == ".tsv":
-        header = lines[0].split("\t")
-        if "text" not in header:
-            raise ValueError(f"{p}: the header row {header} has no 'text' column")
-        col = header.index("text")
-        return [line.split("\t")[col] for line in lines[1:]]
-    texts = []
-    for i, line in enumerate(lines, 1):
-        obj = json.loads(line)
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise ValueError(f'{p}: line {i} has no string "text" field')
-        texts.append(obj["text"])
-    return texts
 
 
 def cmd_predict(argv: list[str]) -> int:

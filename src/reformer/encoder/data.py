@@ -44,7 +44,7 @@ _LABELLED = 'a .jsonl file of {"text": ..., "label": ...} lines or a .tsv file w
 # Files
 
 
-def _jsonl_row(line: str, where: str) -> tuple[str, str]:
+def _jsonl_row(line: str, where: str, require_label: bool = True) -> tuple[str, str | None]:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
@@ -55,13 +55,16 @@ def _jsonl_row(line: str, where: str) -> tuple[str, str]:
     text, label = (obj.get("text"), obj.get("label")) if isinstance(obj, dict) else (None, None)
     if not isinstance(text, str):
         raise ValueError(f'{where}: expected an object with a string "text", got {line[:80]!r}')
+    if label is None and not require_label:
+        return text, None
     if isinstance(label, bool) or not isinstance(label, (str, int)):
         raise ValueError(f'{where}: "label" must be a string or an integer, got {label!r}')
     return text, str(label)
 
 
-def read_labelled(path: PathLike) -> list[tuple[str, str]]:
-    """``(text, label)`` pairs of a ``.jsonl`` or ``.tsv`` file, labels as strings.
+def read_labelled(path: PathLike, require_label: bool = True) -> list[tuple[str, str | None]]:
+    """``(text, label)`` pairs of a ``.jsonl`` or ``.tsv`` file, labels as strings
+    (require_label=False: texts to classify, the label None where a line has none).
 
     JSONL: one object per line with a string ``text`` and a string or integer ``label`` (other
     keys ignored). TSV: the first line names the tab-separated columns, which must include
@@ -84,7 +87,7 @@ def read_labelled(path: PathLike) -> list[tuple[str, str]]:
     lines = [line.removesuffix("\r") for line in lines]
     if tsv:
         header = [name.strip() for name in lines[0].split("\t")]
-        missing = [c for c in ("text", "label") if c not in header]
+        missing = [c for c in ("text", "label")[: 2 if require_label else 1] if c not in header]
         if missing:
             raise ValueError(
                 f"{p}:1: the header {lines[0][:80]!r} has no {' and no '.join(missing)} column; "
@@ -92,7 +95,8 @@ def read_labelled(path: PathLike) -> list[tuple[str, str]]:
             )
         if len(set(header)) != len(header):
             raise ValueError(f"{p}:1: the header names a column twice: {header}")
-        t, l = header.index("text"), header.index("label")
+        t = header.index("text")
+        l = header.index("label") if "label" in header else None
     rows = []
     for n, line in enumerate(lines[1:] if tsv else lines, 2 if tsv else 1):
         if not line.strip():
@@ -104,9 +108,9 @@ def read_labelled(path: PathLike) -> list[tuple[str, str]]:
                     f"{p}:{n}: {len(fields)} tab-separated fields but the header names "
                     f"{len(header)} ({', '.join(header)}); a text may not contain a tab"
                 )
-            text, label = fields[t], fields[l]
+            text, label = fields[t], (None if l is None else fields[l])
         else:
-            text, label = _jsonl_row(line, f"{p}:{n}")
+            text, label = _jsonl_row(line, f"{p}:{n}", require_label)
         if not text.strip():  # a row without tokens would have nothing to attend to
             raise ValueError(f"{p}:{n}: the text is empty; remove the line or give it a text")
         rows.append((text, label))

@@ -6,7 +6,8 @@ K classes.
 
 `ReformerClassifier` is a `ReformerLM` whose output layer (`head`) maps a pooled state to
 class logits: every other parameter has the masked LM's name and shape, so an `mlm` run's
-weights load into it with only the head left fresh (`load_checkpoint(..., fresh=("head",))`).
+weights load into it with only the head left fresh (`load_checkpoint(..., fresh=("head",
+"out_bias"))`, the second a tied masked LM's output bias).
 """
 
 from __future__ import annotations

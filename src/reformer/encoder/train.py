@@ -27,6 +27,7 @@ from ..attention.chunked import chunk_slices
 from ..attention.common import upcast
 from ..checkpoint import (
     CheckpointError,
+    latest_checkpoint,
     load_checkpoint,
     read_checkpoint_config,
     read_checkpoint_state,
@@ -188,6 +189,8 @@ def evaluate_classifier(
 class MLMRecipe(Recipe):
     """Masked-LM pre-training: windows of seq_len bytes, BERT-masked per (seed, step)."""
 
+    resume_sections = ("model", "encoder")
+
     def prepare(self, out: Path) -> None:
         self.corpus = byte_corpus(self.cfg.data)
         self.tokenizer = ByteTokenizer()
@@ -240,6 +243,8 @@ class MLMRecipe(Recipe):
 class ClassifyRecipe(Recipe):
     """Sequence classification of labelled files: DATA/{train,val}.jsonl (or .tsv)."""
 
+    resume_sections = ("model", "encoder")
+
     def prepare(self, out: Path) -> None:
         cfg = self.cfg
         if cfg.data is None:
@@ -252,6 +257,26 @@ class ClassifyRecipe(Recipe):
         val = read_labelled(split_file(cfg.data, "val"))
         self.tokenizer = self._tokenizer(out, [text for text, _ in train])
         self._sets(train, val, None)
+        self._check_resumed(out)
+
+    def _check_resumed(self, out: Path) -> None:
+        """A resumed run must see the labels (in order) and tokenizer it was trained with:
+        class ids are positions in that list."""
+        ckpt = latest_checkpoint(out) if self.cfg.resume and out.exists() else None
+        if ckpt is None:
+            return
+        saved = read_checkpoint_state(ckpt)
+        if saved.get("labels", self.train_set.label_names) != self.train_set.label_names:
+            raise ValueError(
+                f"--resume: {ckpt} was trained with the labels {saved['labels']}, but the "
+                f"training data now has {self.train_set.label_names}; resume with the "
+                "run's own data or start a new --out"
+            )
+        if saved.get("tokenizer", self.state(0)["tokenizer"]) != self.state(0)["tokenizer"]:
+            raise ValueError(
+                f"--resume: {ckpt} was trained with the tokenizer {saved['tokenizer']}, not "
+                f"{self.state(0)['tokenizer']}; resume with the run's own --tokenizer"
+            )
 
     def _sets(self, train, val, names: list[str] | None) -> None:
         cfg = self.cfg
@@ -285,7 +310,14 @@ class ClassifyRecipe(Recipe):
                     "--encoder.spm-vocab-size lower, or give a trained model as --tokenizer)"
                 ) from e
         barrier()  # the other ranks load the model rank 0 wrote
-        return SentencePieceTokenizer(path)
+        tokenizer = SentencePieceTokenizer(path)
+        if tokenizer.base_size != cfg.encoder.spm_vocab_size:
+            raise ValueError(
+                f"{path} has {tokenizer.base_size} pieces, not encoder.spm_vocab_size="
+                f"{cfg.encoder.spm_vocab_size}: the run directory holds another run's model; "
+                "choose another --out (or pass that model as --tokenizer)"
+            )
+        return tokenizer
 
     def build_model(self) -> ReformerClassifier:
         model = ReformerClassifier(
@@ -331,8 +363,10 @@ class ClassifyRecipe(Recipe):
 
     def state(self, step: int) -> dict[str, Any]:
         spec = self.tokenizer.spec()
-        if spec.get("model") and Path(spec["model"]).parent == Path(self.cfg.out):
-            spec["model"] = SPM_FILE  # the run's own: found in the run directory
+        if spec.get("model"):
+            # Inside the run directory: relative to it (the run can move); else absolute.
+            model, run = Path(spec["model"]).resolve(), Path(self.cfg.out).resolve()
+            spec["model"] = str(model.relative_to(run) if model.is_relative_to(run) else model)
         return {"step": step, "labels": self.train_set.label_names, "tokenizer": spec}
 
     def describe(self, model: nn.Module) -> str | None:
@@ -357,14 +391,22 @@ def listops_split(cfg: TrainConfig, split: str) -> list[tuple[str, str]]:
             f"--seq-len {cfg.seq_len} leaves {longest} tokens for an expression, below "
             f"encoder.listops_min_len={enc.listops_min_len}; raise --seq-len or lower it"
         )
-    examples = listops.generate(
-        n,
-        seed=enc.listops_seed * 3 + offset,
-        min_length=enc.listops_min_len,
-        max_length=longest,
-        max_depth=enc.listops_max_depth,
-        max_args=enc.listops_max_args,
-    )
+    try:
+        examples = listops.generate(
+            n,
+            seed=enc.listops_seed * 3 + offset,
+            min_length=enc.listops_min_len,
+            max_length=longest,
+            max_depth=enc.listops_max_depth,
+            max_args=enc.listops_max_args,
+        )
+    except ValueError as e:
+        raise ValueError(
+            f"ListOps cannot be generated with --seq-len {cfg.seq_len}, "
+            f"--encoder.listops-min-len {enc.listops_min_len}, --encoder.listops-max-depth "
+            f"{enc.listops_max_depth} and --encoder.listops-max-args {enc.listops_max_args} "
+            f"({e})"
+        ) from e
     return [(text, str(label)) for text, label in examples]
 
 
