@@ -256,7 +256,7 @@ def _err(capsys) -> str:
 def test_encoder_run_errors_name_the_fix(tmp_path, capsys):
     out = str(tmp_path / "r")
     assert _run(["train", "--task", "listops", "--out", out]) == 2
-    assert "--model.causal False" in _err(capsys)
+    assert "--model.no-causal" in _err(capsys)
     assert _run(["train", "--preset", "mlm-small", "--out", out]) == 2
     assert "needs --data" in _err(capsys)
     assert _run(["train", "--preset", "listops-small", "--encoder.mask-rate", "0.2"]) == 2
@@ -273,3 +273,24 @@ def test_encoder_run_errors_name_the_fix(tmp_path, capsys):
     (data / "val.jsonl").unlink()
     assert _run(args) == 2
     assert "val.jsonl" in _err(capsys)
+
+
+def test_more_refusals_and_a_resume_with_other_labels(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    assert _run(["train", "--preset", "duplication-small", "--model.no-causal"]) == 2
+    assert "must be causal" in _err(capsys)
+    data = _labelled_dir(tmp_path / "d", "jsonl", n_train=8, n_val=4)
+    args = ["train", "--preset", "classify-small", "--data", str(data), "--out", out]
+    assert _run([*args, "--encoder.vocab", "sentencepiece"]) == 2
+    assert "--model.vocab-size 2002" in _err(capsys)
+    assert not Path(out).exists()
+    tiny = [*args, "--seq-len", "32", "--model.max-seq-len", "32", *ENCODER]
+    assert _run([*tiny, "--steps", "1"]) == 0
+    capsys.readouterr()
+    rows = [json.loads(x) for x in (data / "train.jsonl").read_text().splitlines()]
+    rows[0]["label"] = "art"  # a third class: the label ids would change meaning
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _run([*tiny, "--steps", "2", "--resume"]) == 2
+    assert "trained with the labels ['science', 'sport']" in _err(capsys)
+    assert _run([*tiny, "--steps", "2", "--resume", "--encoder.pooling", "first"]) == 2
+    assert "different encoder config" in _err(capsys)

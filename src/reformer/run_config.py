@@ -257,13 +257,14 @@ class TrainConfig:
             )
         if self.task in ENCODER_TASKS and self.model.causal:
             raise ValueError(
-                f"task {self.task!r} trains an encoder: set --model.causal False (or "
-                "start from an encoder preset: mlm-small, classify-small, listops-small)"
+                f"task {self.task!r} trains an encoder: set --model.no-causal (model.causal: "
+                "false in a config file), or start from an encoder preset: mlm-small, "
+                "classify-small, listops-small"
             )
         if self.task in ("duplication", "enwik8", "text", "images") and not self.model.causal:
             raise ValueError(
                 f"task {self.task!r} trains a next-token language model, which must be causal "
-                "(a non-causal one sees the token it predicts): remove --model.causal False, "
+                "(a non-causal one sees the token it predicts): remove --model.no-causal, "
                 "or use task mlm for a bidirectional model"
             )
         enc = self.encoder
