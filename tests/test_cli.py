@@ -31,7 +31,7 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 def test_help_of_tool_and_each_verb(capsys):
     assert main(["--help"]) == 0
     assert "train" in capsys.readouterr().out
-    for verb in ("train", "eval", "plot", "generate"):
+    for verb in ("train", "eval", "plot", "generate", "predict"):
         with pytest.raises(SystemExit) as e:
             main([verb, "--help"])
         assert e.value.code == 0
