@@ -105,7 +105,7 @@ def test_reversible_gradients_equal_autograd(head):
 
 def test_masked_lm_loss_scores_masked_positions_only():
     """The loss (gathering the ~15% scored positions first) equals plain cross-entropy over
-    the full logits with the other positions ignored; unscored targets do not matter."""
+    the full logits with the other positions ignored, and so does the ungathered path."""
     torch.manual_seed(0)
     model = ReformerLM(_config()).double().eval()
     ids, mask = _padded_batch()
