@@ -213,8 +213,14 @@ def train_run(exp: Experiment, run: Run, out: Path) -> float:
         "--no-progress",
         "--eval-hashes",
     )
+    return train_seconds(out)
+
+
+def train_seconds(run_dir: Path) -> float:
+    """A run's training seconds from its log, summed over the sessions that trained it
+    (elapsed_s restarts when a run is resumed)."""
     total, last = 0.0, 0.0
-    for r in records(out):
+    for r in records(run_dir):
         if "elapsed_s" in r:
             if r["elapsed_s"] < last:
                 total += last

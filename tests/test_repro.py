@@ -32,3 +32,26 @@ def test_every_reproduction_run_parses(name, tmp_path):
     if name == "lsh-vs-full":
         modes = [configs[n].model.lsh_mode for n in ("lsh-4-window", "lsh-4-chunk")]
         assert modes == ["window", "chunk"]
+
+
+@pytest.mark.parametrize("name", ["listops", "mlm"])
+def test_encoder_reproduction_runs_parse(name, tmp_path):
+    from repro import encoder
+
+    runs = encoder.LISTOPS_RUNS if name == "listops" else encoder.MLM_RUNS
+    if name == "listops":
+        common = encoder.listops_common(1024, 500)
+    else:
+        common = encoder.mlm_common(tmp_path, 300)
+    kinds = {}
+    for run_name, (args, _) in runs.items():
+        cfg = parse_train_args([*common, *args, "--out", str(tmp_path / run_name)])
+        assert (
+            cfg.task == name
+            and not cfg.model.causal
+            and cfg.steps == int(common[common.index("--steps") + 1])
+        )
+        kinds[run_name] = (cfg.model.attention, cfg.model.n_hashes)
+    if name == "listops":
+        assert kinds == {"lsh-2": ("lsh", 2), "lsh-4": ("lsh", 4), "local": ("local", 2),
+                         "full": ("full", 2)}  # fmt: skip
