@@ -301,3 +301,17 @@ def test_tensorboard_missing_is_refused_before_writing(tmp_path, monkeypatch, ca
     out = tmp_path / "r"
     assert main(["train", "--preset", "duplication-small", "--tensorboard", "--out", str(out)]) == 2
     assert "tensorboard package" in capsys.readouterr().err and not out.exists()
+
+
+def test_resume_compares_old_configs_with_new_fields_at_their_defaults():
+    """A run saved before a config field existed resumes: the missing field reads as its
+    default (and a real difference is still a difference)."""
+    from reformer.run_config import config_to_dict
+    from reformer.training.trainer import _with_defaults
+
+    resolved = config_to_dict(TrainConfig())
+    old = json.loads(json.dumps(resolved))
+    del old["model"]["local_wrap"], old["encoder"]
+    assert _with_defaults(old)["model"] == resolved["model"]
+    old["model"]["d_model"] = 64
+    assert _with_defaults(old)["model"]["d_model"] == 64 != resolved["model"]["d_model"]

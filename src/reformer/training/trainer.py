@@ -39,7 +39,7 @@ from ..distributed import (
     torchrun_env,
     wrap_model,
 )
-from ..run_config import TrainConfig, config_to_dict
+from ..run_config import TrainConfig, config_from_dict, config_to_dict, unused_fields
 from .common import (
     MetricsLog,
     TrainingDiverged,
@@ -160,6 +160,19 @@ def _is_launched(rank: int, world_size: int) -> bool:
     return False
 
 
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved run config with the fields added since it was written at their defaults (a
+    newer library compares like with like on --resume); as saved if it no longer parses."""
+    import warnings
+
+    try:
+        with unused_fields("reset"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return config_to_dict(config_from_dict(saved))
+    except (TypeError, ValueError):
+        return saved
+
+
 def _elastic_restart_resumes(ckpt: Path | None, resolved: dict[str, Any]) -> bool:
     """A worker group restarted by torchrun (--max-restarts) continues from the newest
     checkpoint without --resume, but only from one written with this very config, so that a
@@ -207,7 +220,7 @@ class Trainer:
                 f"{out} already holds a run (checkpoint {ckpt.name}); pass --resume to "
                 "continue it or choose another --out"
             )
-        saved = read_checkpoint_config(ckpt)
+        saved = _with_defaults(read_checkpoint_config(ckpt))
         for section in self.recipe.resume_sections:
             if saved.get(section) != resolved[section]:
                 diff = sorted(
