@@ -7,8 +7,10 @@ recipe; the resolved config is saved as DIR/config.yaml and inside every checkpo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,36 +72,24 @@ def evaluate(
     training RNG stream is untouched (exact resume does not depend on when evals ran).
     """
     device = device or next(model.parameters()).device
-    was_training, old_hashes = model.training, model.config.n_hashes
-    forked = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=forked):
-        torch.manual_seed(seed)
-        model.eval()
-        if n_hashes is not None:
-            model.set_n_hashes(n_hashes)
-        model.set_attention(attention)
-        total, count, correct = 0.0, 0, 0
-        try:
-            for ids, targets in task.eval_batches(split, batch_size, max_batches, seed=seed):
-                ids, targets = ids.to(device), targets.to(device)
-                with autocast_for(device, precision):
-                    hidden = model.hidden_states(ids)
-                    if task.unit == "accuracy":
-                        logits = model.logits_from_hidden(hidden)
-                        c, _ = accuracy_counts(logits, targets)
-                        correct += c
-                    loss_sum, n = chunked_cross_entropy(
-                        hidden,
-                        targets,
-                        model.logits_from_hidden,
-                        chunk_len=model.config.loss_chunk_len,
-                    )
-                total += float(loss_sum)
-                count += int(n)
-        finally:
-            model.set_n_hashes(old_hashes)
-            model.set_attention(None)
-            model.train(was_training)
+    total, count, correct = 0.0, 0, 0
+    with seeded_eval(model, seed, device), evaluated_as(model, n_hashes, attention):
+        for ids, targets in task.eval_batches(split, batch_size, max_batches, seed=seed):
+            ids, targets = ids.to(device), targets.to(device)
+            with autocast_for(device, precision):
+                hidden = model.hidden_states(ids)
+                if task.unit == "accuracy":
+                    logits = model.logits_from_hidden(hidden)
+                    c, _ = accuracy_counts(logits, targets)
+                    correct += c
+                loss_sum, n = chunked_cross_entropy(
+                    hidden,
+                    targets,
+                    model.logits_from_hidden,
+                    chunk_len=model.config.loss_chunk_len,
+                )
+            total += float(loss_sum)
+            count += int(n)
     if count == 0:
         raise ValueError(f"no scored tokens in the {split!r} split (too short for seq_len?)")
     loss = total / count
@@ -180,17 +170,7 @@ class LMRecipe(Recipe):
         return sum(ids.numel() for ids, _ in micros) * self.world_size
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        # Rank 0 evaluates alone, on as many rows as one process with the global batch would.
-        cfg = self.cfg
-        return evaluate(
-            model,
-            self.task,
-            batch_size=cfg.eval_batch_size or cfg.batch_size * self.world_size,
-            max_batches=cfg.eval_batches or None,
-            device=self.device,
-            precision=cfg.precision,
-            seed=cfg.seed,
-        )
+        return evaluate(model, self.task, **self.eval_settings())
 
     def state(self, step: int) -> dict[str, Any]:
         cfg = self.cfg
@@ -209,22 +189,83 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, Any
     return Trainer(cfg, recipe_for(cfg.task), rank, world_size).run()
 
 
-def load_run(path: Path, device: torch.device) -> tuple[ReformerLM, TrainConfig, Path, int]:
-    """A run or checkpoint directory -> (model in eval mode, its run config, the checkpoint
-    directory used, its step). Raises CheckpointError when there is nothing to load."""
+def saved_run_config(ckpt: Path) -> TrainConfig:
+    """The run config saved in checkpoint directory `ckpt`, its `out` pointing at the run
+    directory wherever that is now. Raises CheckpointError when it is not a run config."""
     from .checkpoint import CheckpointError
 
-    ckpt = resolve_checkpoint(path)
     try:
         with unused_fields("reset"):  # runs saved before unused fields were refused
             cfg = config_from_dict(read_checkpoint_config(ckpt), where=f"{ckpt}/config.json")
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{ckpt}: its saved config is not a reformer run config ({e})") from e
-    if ckpt.parent.name == "checkpoints":  # the run directory, wherever it is now
+    if ckpt.parent.name == "checkpoints":
         cfg.out = str(ckpt.parent.parent)
+    return cfg
+
+
+def load_run(path: Path, device: torch.device) -> tuple[ReformerLM, TrainConfig, Path, int]:
+    """A run or checkpoint directory -> (model in eval mode, its run config, the checkpoint
+    directory used, its step). Raises CheckpointError when there is nothing to load."""
+    ckpt = resolve_checkpoint(path)
+    cfg = saved_run_config(ckpt)
     model = ReformerLM(cfg.model).to(device)
     step = load_checkpoint(ckpt, model, restore_rng=False).step
     return model.eval(), cfg, ckpt, step
+
+
+@contextlib.contextmanager
+def seeded_eval(model: torch.nn.Module, seed: int, device: torch.device) -> Iterator[None]:
+    """Eval mode on a forked RNG seeded with `seed` inside the block: hash rotations are
+    reproducible and the training RNG stream is untouched (exact resume does not depend on
+    when evaluations ran); the model's training mode is restored after."""
+    was_training = model.training
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model.eval()
+        try:
+            yield
+        finally:
+            model.train(was_training)
+
+
+@contextlib.contextmanager
+def evaluated_as(
+    model: ReformerLM, n_hashes: int | None = None, attention: str | None = None
+) -> Iterator[ReformerLM]:
+    """`model` with `n_hashes` hash rounds and its shared-QK layers run as `attention`
+    ("lsh" or "full") inside the block, each restored after; None leaves that setting as it
+    is (so an evaluation inside another's block keeps the outer setting)."""
+    old = model.config.n_hashes
+    if n_hashes is not None:
+        model.set_n_hashes(n_hashes)
+    if attention is not None:
+        model.set_attention(attention)
+    try:
+        yield model
+    finally:
+        model.set_n_hashes(old)
+        if attention is not None:
+            model.set_attention(None)
+
+
+def per_hash_count(
+    model: ReformerLM,
+    counts: tuple[int | str | None, ...],
+    evaluate_one: Callable[[], dict[str, float]],
+) -> list[dict[str, float]]:
+    """One row of `evaluate_one()`'s metrics per entry of `counts`: a number evaluates the
+    shared-QK layers with LSH and that many rounds (even when trained with full shared-QK
+    attention), "full" with full attention, None as trained (row label "trained")."""
+    rows = []
+    for n in counts:
+        if n not in (None, "full") and (isinstance(n, bool) or not isinstance(n, int)):
+            raise ValueError(f"evaluation hash rounds must be ints or 'full'; got {n!r}")
+        as_int = isinstance(n, int)
+        with evaluated_as(model, n if as_int else None, "lsh" if as_int else n):
+            res = evaluate_one()
+        rows.append({"n_hashes": "trained" if n is None else n} | res)
+    return rows
 
 
 def hash_table(
@@ -239,35 +280,28 @@ def hash_table(
     precision: str = "fp32",
     seed: int = 0,
 ) -> list[dict[str, float]]:
-    """Evaluate the same weights with each number of hash rounds; "full" in `counts`
-    evaluates the shared-QK layers with full attention instead, and a number evaluates
-    them with LSH even when the model was trained with full shared-QK attention; None
-    evaluates the model as trained (row label "trained")."""
-    rows = []
-    for n in counts:
-        if n not in (None, "full") and (isinstance(n, bool) or not isinstance(n, int)):
-            raise ValueError(f"evaluation hash rounds must be ints or 'full'; got {n!r}")
-        as_int = isinstance(n, int)
-        res = evaluate(
+    """`evaluate` of the same weights with each number of hash rounds (`per_hash_count`)."""
+    return per_hash_count(
+        model,
+        counts,
+        lambda: evaluate(
             model,
             task,
             split=split,
             batch_size=batch_size,
             max_batches=max_batches,
-            n_hashes=n if as_int else None,
-            attention="lsh" if as_int else n,
             device=device,
             precision=precision,
             seed=seed,
-        )
-        rows.append({"n_hashes": "trained" if n is None else n} | res)
-    return rows
+        ),
+    )
 
 
 def format_table(rows: list[dict[str, float]]) -> str:
     keys = [k for k in rows[0] if k != "n_hashes"]
-    head = "n_hashes  " + "  ".join(f"{k:>10}" for k in keys)
+    w = max(10, *map(len, keys))  # columns as wide as the longest metric name
+    head = "n_hashes  " + "  ".join(f"{k:>{w}}" for k in keys)
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['n_hashes']:>8}  " + "  ".join(f"{r[k]:>10.4f}" for k in keys))
+        lines.append(f"{r['n_hashes']:>8}  " + "  ".join(f"{r[k]:>{w}.4f}" for k in keys))
     return "\n".join(lines)

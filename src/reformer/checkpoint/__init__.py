@@ -342,12 +342,7 @@ def read_checkpoint_config(path: Path | str) -> dict[str, Any]:
     Raises:
         CheckpointError: not a checkpoint, or the config is corrupt.
     """
-    ckpt = _resolve(Path(path))
-    meta = _read_meta(ckpt)
-    if CONFIG_FILE not in meta["files"]:
-        return {}
-    _verify_file(ckpt, CONFIG_FILE, meta["files"][CONFIG_FILE])
-    return _read_json(ckpt / CONFIG_FILE)
+    return _read_verified_json(path, CONFIG_FILE)
 
 
 def read_checkpoint_state(path: Path | str) -> dict[str, Any]:
@@ -358,9 +353,15 @@ def read_checkpoint_state(path: Path | str) -> dict[str, Any]:
     Raises:
         CheckpointError: not a checkpoint, or the state is corrupt.
     """
+    return _read_verified_json(path, STATE_FILE)
+
+
+def _read_verified_json(path: Path | str, name: str) -> dict[str, Any]:
+    """One JSON file of a checkpoint (or a run dir's latest), checksum verified; {} when the
+    checkpoint has none."""
     ckpt = _resolve(Path(path))
     meta = _read_meta(ckpt)
-    if STATE_FILE not in meta["files"]:
+    if name not in meta["files"]:
         return {}
-    _verify_file(ckpt, STATE_FILE, meta["files"][STATE_FILE])
-    return _read_json(ckpt / STATE_FILE)
+    _verify_file(ckpt, name, meta["files"][name])
+    return _read_json(ckpt / name)

@@ -12,12 +12,14 @@ import torch
 import tyro
 
 from ..files import atomic_write
+from ..train import format_table, per_hash_count
 from ..training.common import autocast_for, resolve_device
-from .data import LabelledSet, read_labelled, split_file
+from .data import read_labelled, split_file
 from .train import (
     byte_corpus,
     evaluate_classifier,
     evaluate_mlm,
+    labelled_set,
     listops_split,
     load_encoder_run,
     masking_rule,
@@ -42,13 +44,7 @@ def _evaluate(model, cfg, state, args, split: str) -> dict[str, float]:
         examples = listops_split(cfg, split)
     else:
         examples = read_labelled(split_file(args.data or cfg.data, split))
-    dataset = LabelledSet.from_examples(
-        examples,
-        tokenizer,
-        state["labels"],
-        max_len=cfg.seq_len,
-        add_cls=cfg.encoder.pooling == "first",
-    )
+    dataset = labelled_set(cfg, examples, tokenizer, state["labels"])
     return evaluate_classifier(model, dataset, **common)
 
 
@@ -56,25 +52,9 @@ def eval_encoder(args: Any, device: torch.device) -> int:
     """`reformer eval` of an encoder run: metrics on a split, one row per hash-round count."""
     model, cfg, ckpt, step, state = load_encoder_run(Path(args.checkpoint), device)
     counts = tuple(args.n_hashes) or (None,)
-    rows = []
-    trained = model.config.n_hashes
-    for n in counts:
-        try:
-            if isinstance(n, int):
-                model.set_n_hashes(n)
-                model.set_attention("lsh")
-            elif n == "full":
-                model.set_attention("full")
-            res = _evaluate(model, cfg, state, args, args.split)
-        finally:
-            model.set_n_hashes(trained)
-            model.set_attention(None)
-        rows.append({"n_hashes": "trained" if n is None else n} | res)
+    rows = per_hash_count(model, counts, lambda: _evaluate(model, cfg, state, args, args.split))
     print(f"{ckpt} (step {step}), {cfg.task} {args.split} split")
-    keys = [k for k in rows[0] if k != "n_hashes"]
-    print("n_hashes  " + "  ".join(f"{k:>15}" for k in keys))
-    for r in rows:
-        print(f"{r['n_hashes']:>8}  " + "  ".join(f"{r[k]:>15.4f}" for k in keys))
+    print(format_table(rows))
     if args.json:
         result = {"checkpoint": str(ckpt), "step": step, "split": args.split, "rows": rows}
         atomic_write(Path(args.json), json.dumps(result, indent=2))
@@ -132,13 +112,7 @@ def cmd_predict(argv: list[str]) -> int:
         raise ValueError("no input texts to classify")
     names = state["labels"]
     examples = list(zip(texts, labels or [names[0]] * len(texts)))
-    dataset = LabelledSet.from_examples(
-        examples,
-        run_tokenizer(cfg, state),
-        names,
-        max_len=cfg.seq_len,
-        add_cls=cfg.encoder.pooling == "first",
-    )
+    dataset = labelled_set(cfg, examples, run_tokenizer(cfg, state), names)
     lines, correct = [], 0
     torch.manual_seed(args.seed)
     with torch.no_grad():

@@ -29,7 +29,6 @@ from ..checkpoint import (
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,
-    read_checkpoint_config,
     read_checkpoint_state,
     resolve_checkpoint,
 )
@@ -37,7 +36,8 @@ from ..data._common import IGNORE_INDEX, make_generator
 from ..data.bytes import ByteCorpus, load_enwik8, load_text
 from ..distributed import barrier
 from ..model import ReformerLM
-from ..run_config import TrainConfig, config_from_dict, unused_fields
+from ..run_config import TrainConfig
+from ..train import resolve_tokenizer, saved_run_config, seeded_eval
 from ..training import Recipe
 from ..training.common import autocast_for
 from . import listops
@@ -79,6 +79,20 @@ def check_model_fits(cfg: TrainConfig, vocab_size: int, what: str) -> None:
         )
 
 
+def labelled_set(
+    cfg: TrainConfig, examples: list, tokenizer: Any, label_names: list[str] | None
+) -> LabelledSet:
+    """Examples encoded as a run encodes them: cut to seq_len, a CLS token first when the
+    run pools by the first position."""
+    return LabelledSet.from_examples(
+        examples,
+        tokenizer,
+        label_names,
+        max_len=cfg.seq_len,
+        add_cls=cfg.encoder.pooling == "first",
+    )
+
+
 def masking_rule(cfg: TrainConfig, tokenizer: Any) -> MaskingRule:
     enc = cfg.encoder
     return MaskingRule(
@@ -109,28 +123,21 @@ def evaluate_mlm(
     consecutive windows, masked by `rule` with generators seeded from `seed` (the same
     masks at every evaluation), on a forked RNG (the training stream is untouched)."""
     device = device or next(model.parameters()).device
-    was_training = model.training
     total, count, correct = 0.0, 0, 0
-    forked = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=forked):
-        torch.manual_seed(seed)
-        model.eval()
-        try:
-            batches = corpus.eval_batches(split, seq_len, batch_size, max_batches)
-            for i, (ids, _) in enumerate(batches):
-                inputs, targets = rule.apply(ids, make_generator(seed, "mlm-eval", i))
-                inputs, targets = inputs.to(device), targets.to(device)
-                with autocast_for(device, precision):
-                    hidden = model.hidden_states(inputs)
-                    scored = targets != IGNORE_INDEX
-                    h, t = hidden[scored], targets[scored]  # (M, W), (M,)
-                    for sl in chunk_slices(t.numel(), model.config.loss_chunk_len):
-                        logits = upcast(model.logits_from_hidden(h[sl][None])[0])
-                        total += float(F.cross_entropy(logits, t[sl], reduction="sum"))
-                        correct += int((logits.argmax(-1) == t[sl]).sum())
-                count += int(t.numel())
-        finally:
-            model.train(was_training)
+    with seeded_eval(model, seed, device):
+        batches = corpus.eval_batches(split, seq_len, batch_size, max_batches)
+        for i, (ids, _) in enumerate(batches):
+            inputs, targets = rule.apply(ids, make_generator(seed, "mlm-eval", i))
+            inputs, targets = inputs.to(device), targets.to(device)
+            with autocast_for(device, precision):
+                hidden = model.hidden_states(inputs)
+                scored = targets != IGNORE_INDEX
+                h, t = hidden[scored], targets[scored]  # (M, W), (M,)
+                for sl in chunk_slices(t.numel(), model.config.loss_chunk_len):
+                    logits = upcast(model.logits_from_hidden(h[sl][None])[0])
+                    total += float(F.cross_entropy(logits, t[sl], reduction="sum"))
+                    correct += int((logits.argmax(-1) == t[sl]).sum())
+            count += int(t.numel())
     if count == 0:
         raise ValueError(f"no masked tokens in the {split!r} split (too short for seq_len?)")
     loss = total / count
@@ -163,22 +170,15 @@ def evaluate_classifier(
 ) -> dict[str, float]:
     """Loss (nats), accuracy and macro-F1 over `dataset` (the first max_batches batches)."""
     device = device or next(model.parameters()).device
-    was_training = model.training
     preds, labels, total = [], [], 0.0
-    forked = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=forked):
-        torch.manual_seed(seed)
-        model.eval()
-        try:
-            for ids, mask, y in dataset.eval_batches(batch_size, max_batches):
-                ids, mask, y = ids.to(device), mask.to(device), y.to(device)
-                with autocast_for(device, precision):
-                    logits = upcast(model(ids, mask))
-                total += float(F.cross_entropy(logits, y, reduction="sum"))
-                preds.append(logits.argmax(-1).cpu())
-                labels.append(y.cpu())
-        finally:
-            model.train(was_training)
+    with seeded_eval(model, seed, device):
+        for ids, mask, y in dataset.eval_batches(batch_size, max_batches):
+            ids, mask, y = ids.to(device), mask.to(device), y.to(device)
+            with autocast_for(device, precision):
+                logits = upcast(model(ids, mask))
+            total += float(F.cross_entropy(logits, y, reduction="sum"))
+            preds.append(logits.argmax(-1).cpu())
+            labels.append(y.cpu())
     if not labels:
         raise ValueError("the evaluation split holds no examples")
     p, y = torch.cat(preds), torch.cat(labels)
@@ -223,17 +223,8 @@ class MLMRecipe(Recipe):
         return sum(ids.numel() for ids, _ in micros) * self.world_size
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        cfg = self.cfg
         return evaluate_mlm(
-            model,
-            self.corpus,
-            self.rule,
-            seq_len=cfg.seq_len,
-            batch_size=cfg.eval_batch_size or cfg.batch_size * self.world_size,
-            max_batches=cfg.eval_batches or None,
-            device=self.device,
-            precision=cfg.precision,
-            seed=cfg.seed,
+            model, self.corpus, self.rule, seq_len=self.cfg.seq_len, **self.eval_settings()
         )
 
     def state(self, step: int) -> dict[str, Any]:
@@ -280,10 +271,9 @@ class ClassifyRecipe(Recipe):
 
     def _sets(self, train, val, names: list[str] | None) -> None:
         cfg = self.cfg
-        kw = dict(max_len=cfg.seq_len, add_cls=cfg.encoder.pooling == "first")
-        self.train_set = LabelledSet.from_examples(train, self.tokenizer, names, **kw)
+        self.train_set = labelled_set(cfg, train, self.tokenizer, names)
         names = self.train_set.label_names
-        self.val_set = LabelledSet.from_examples(val, self.tokenizer, names, **kw)
+        self.val_set = labelled_set(cfg, val, self.tokenizer, names)
         if self.train_set.n_classes < 2:
             raise ValueError(
                 f"the training data has {self.train_set.n_classes} label ({names}); "
@@ -296,8 +286,6 @@ class ClassifyRecipe(Recipe):
         if cfg.encoder.vocab == "bytes":
             return ByteTokenizer()
         if cfg.tokenizer is not None:
-            from ..train import resolve_tokenizer
-
             return SentencePieceTokenizer(resolve_tokenizer(cfg))
         path = out / SPM_FILE
         if self.rank == 0 and not path.exists():
@@ -350,16 +338,7 @@ class ClassifyRecipe(Recipe):
         return sum(int(mask.sum()) for _, mask, _ in micros) * self.world_size
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        cfg = self.cfg
-        return evaluate_classifier(
-            model,
-            self.val_set,
-            batch_size=cfg.eval_batch_size or cfg.batch_size * self.world_size,
-            max_batches=cfg.eval_batches or None,
-            device=self.device,
-            precision=cfg.precision,
-            seed=cfg.seed,
-        )
+        return evaluate_classifier(model, self.val_set, **self.eval_settings())
 
     def state(self, step: int) -> dict[str, Any]:
         spec = self.tokenizer.spec()
@@ -426,13 +405,7 @@ def load_encoder_run(
     """A run or checkpoint directory of an encoder task -> (model in eval mode, its run
     config, the checkpoint directory, its step, its saved state: labels and tokenizer)."""
     ckpt = resolve_checkpoint(path)
-    try:
-        with unused_fields("reset"):
-            cfg = config_from_dict(read_checkpoint_config(ckpt), where=f"{ckpt}/config.json")
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{ckpt}: its saved config is not a reformer run config ({e})") from e
-    if ckpt.parent.name == "checkpoints":
-        cfg.out = str(ckpt.parent.parent)
+    cfg = saved_run_config(ckpt)
     state = read_checkpoint_state(ckpt)
     if cfg.task == "mlm":
         model: nn.Module = ReformerLM(cfg.model)

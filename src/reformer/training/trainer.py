@@ -104,6 +104,18 @@ class Recipe:
         """Validation metrics (rank 0 alone, unwrapped model)."""
         raise NotImplementedError
 
+    def eval_settings(self) -> dict[str, Any]:
+        """The evaluation's batch size, batch count, device, precision and seed: rank 0
+        evaluates alone, on as many rows per batch as one process with the global batch."""
+        cfg = self.cfg
+        return dict(
+            batch_size=cfg.eval_batch_size or cfg.batch_size * self.world_size,
+            max_batches=cfg.eval_batches or None,
+            device=self.device,
+            precision=cfg.precision,
+            seed=cfg.seed,
+        )
+
     def logged_loss(self, step_loss: float, micros: list[tuple[Tensor, ...]]) -> float | None:
         """Called after every step with its loss; returns the loss to log at this step, or
         None for the last step's own. Translation returns the token-weighted mean since
