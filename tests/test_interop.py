@@ -44,15 +44,20 @@ CRIME_LIKE = dict(  # google/reformer-crime-and-punishment
 SHAPES = {"enwik8": ENWIK8_LIKE, "crime": CRIME_LIKE}
 
 
-def hf_model(shape: dict, **over) -> ReformerModelWithLMHead:
-    kw = dict(shape, is_decoder=True, hidden_dropout_prob=0.0, hash_seed=11) | over
-    torch.manual_seed(1)
-    model = ReformerModelWithLMHead(HFConfig(**kw)).to(F64).eval()
+def _random_hf(cls, shape: dict, seed: int, **kw):
+    """A random-init transformers model in float64 eval mode, biases and norms perturbed."""
+    kw = dict(shape, hidden_dropout_prob=0.0, hash_seed=11) | kw
+    torch.manual_seed(seed)
+    model = cls(HFConfig(**kw)).to(F64).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or "layer_norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
     return model
+
+
+def hf_model(shape: dict, **over) -> ReformerModelWithLMHead:
+    return _random_hf(ReformerModelWithLMHead, shape, 1, **({"is_decoder": True} | over))
 
 
 def max_diff(hf, lm, ids) -> float:
@@ -210,14 +215,7 @@ def test_import_refuses_what_it_cannot_represent(tmp_path, over, field):
 
 
 def hf_masked_lm(shape: dict, **over) -> ReformerForMaskedLM:
-    kw = dict(shape, is_decoder=False, hidden_dropout_prob=0.0, hash_seed=11) | over
-    torch.manual_seed(2)
-    model = ReformerForMaskedLM(HFConfig(**kw)).to(F64).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "layer_norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+    return _random_hf(ReformerForMaskedLM, shape, 2, **({"is_decoder": False} | over))
 
 
 @pytest.mark.parametrize("shape", SHAPES)

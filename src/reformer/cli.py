@@ -6,7 +6,6 @@ there is no second list of options to keep in sync.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from .train import (
     TrainingDiverged,
     format_table,
     hash_table,
+    report_eval,
     resolve_device,
     train,
 )
@@ -173,16 +173,11 @@ def cmd_eval(argv: list[str]) -> int:
         precision=args.precision,
         seed=args.seed,
     )
-    print(
+    title = (
         f"{ckpt} (step {step}), {cfg.task} {args.split} split, trained with "
         f"{cfg.model.n_hashes} hash rounds"
     )
-    print(format_table(rows))
-    if args.json:
-        from .train import atomic_write_text
-
-        result = {"checkpoint": str(ckpt), "step": step, "split": args.split, "rows": rows}
-        atomic_write_text(Path(args.json), json.dumps(result, indent=2))
+    report_eval(title, rows, ckpt, step, args.split, args.json)
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -295,6 +296,18 @@ def hash_table(
             seed=seed,
         ),
     )
+
+
+def report_eval(
+    title: str, rows: list[dict[str, float]], ckpt: Path, step: int, split: str, json_path
+) -> None:
+    """`reformer eval`'s output: the title line and the table, and the rows as JSON in
+    `json_path` when given."""
+    print(title)
+    print(format_table(rows))
+    if json_path:
+        result = {"checkpoint": str(ckpt), "step": step, "split": split, "rows": rows}
+        atomic_write_text(Path(json_path), json.dumps(result, indent=2))
 
 
 def format_table(rows: list[dict[str, float]]) -> str:

@@ -12,7 +12,7 @@ import torch
 import tyro
 
 from ..files import atomic_write
-from ..train import format_table, per_hash_count
+from ..train import per_hash_count, report_eval
 from ..training.common import autocast_for, resolve_device
 from .data import read_labelled, split_file
 from .train import (
@@ -53,11 +53,8 @@ def eval_encoder(args: Any, device: torch.device) -> int:
     model, cfg, ckpt, step, state = load_encoder_run(Path(args.checkpoint), device)
     counts = tuple(args.n_hashes) or (None,)
     rows = per_hash_count(model, counts, lambda: _evaluate(model, cfg, state, args, args.split))
-    print(f"{ckpt} (step {step}), {cfg.task} {args.split} split")
-    print(format_table(rows))
-    if args.json:
-        result = {"checkpoint": str(ckpt), "step": step, "split": args.split, "rows": rows}
-        atomic_write(Path(args.json), json.dumps(result, indent=2))
+    title = f"{ckpt} (step {step}), {cfg.task} {args.split} split"
+    report_eval(title, rows, ckpt, step, args.split, args.json)
     return 0
 
 
