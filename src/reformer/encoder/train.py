@@ -27,7 +27,6 @@ from ..attention.chunked import chunk_slices
 from ..attention.common import upcast
 from ..checkpoint import (
     CheckpointError,
-    latest_checkpoint,
     load_checkpoint,
     read_checkpoint_state,
     resolve_checkpoint,
@@ -235,6 +234,8 @@ class ClassifyRecipe(Recipe):
     """Sequence classification of labelled files: DATA/{train,val}.jsonl (or .tsv)."""
 
     resume_sections = ("model", "encoder")
+    # class ids are positions in the label list: a resumed run must see the same list
+    resume_state = ("labels", "tokenizer")
 
     def prepare(self, out: Path) -> None:
         cfg = self.cfg
@@ -248,26 +249,6 @@ class ClassifyRecipe(Recipe):
         val = read_labelled(split_file(cfg.data, "val"))
         self.tokenizer = self._tokenizer(out, [text for text, _ in train])
         self._sets(train, val, None)
-        self._check_resumed(out)
-
-    def _check_resumed(self, out: Path) -> None:
-        """A resumed run must see the labels (in order) and tokenizer it was trained with:
-        class ids are positions in that list."""
-        ckpt = latest_checkpoint(out) if self.cfg.resume and out.exists() else None
-        if ckpt is None:
-            return
-        saved = read_checkpoint_state(ckpt)
-        if saved.get("labels", self.train_set.label_names) != self.train_set.label_names:
-            raise ValueError(
-                f"--resume: {ckpt} was trained with the labels {saved['labels']}, but the "
-                f"training data now has {self.train_set.label_names}; resume with the "
-                "run's own data or start a new --out"
-            )
-        if saved.get("tokenizer", self.state(0)["tokenizer"]) != self.state(0)["tokenizer"]:
-            raise ValueError(
-                f"--resume: {ckpt} was trained with the tokenizer {saved['tokenizer']}, not "
-                f"{self.state(0)['tokenizer']}; resume with the run's own --tokenizer"
-            )
 
     def _sets(self, train, val, names: list[str] | None) -> None:
         cfg = self.cfg

@@ -24,7 +24,13 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from ..checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_config, save_checkpoint
+from ..checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_checkpoint_config,
+    read_checkpoint_state,
+    save_checkpoint,
+)
 from ..distributed import (
     StateView,
     all_reduce_sum,
@@ -73,6 +79,9 @@ class Recipe:
 
     #: config sections a resumed run must share with its checkpoint
     resume_sections: tuple[str, ...] = ("model",)
+    #: keys of `state()` (what `prepare` derived from the data: a classifier's label
+    #: names, its tokenizer) a resumed run must share with its checkpoint's saved state
+    resume_state: tuple[str, ...] = ()
 
     def __init__(self, cfg: TrainConfig, rank: int, world_size: int, device: torch.device):
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
@@ -257,6 +266,15 @@ class Trainer:
         resolved = config_to_dict(cfg)
         ckpt = self._pick_checkpoint(out, resolved)
         recipe.prepare(out)
+        if ckpt is not None and recipe.resume_state:
+            saved, now = read_checkpoint_state(ckpt), recipe.state(0)
+            for key in recipe.resume_state:
+                if key in saved and saved[key] != now[key]:
+                    raise ValueError(
+                        f"--resume: {ckpt} was trained with the {key} {saved[key]}, but this "
+                        f"run has {now[key]}; resume with the run's own data and settings, "
+                        "or start a new --out"
+                    )
         torch.manual_seed(cfg.seed)
         model = recipe.build_model()
         opt = build_optimizer(model, cfg.optim)
