@@ -58,7 +58,7 @@ def default_axial_shape(max_seq_len: int) -> tuple[int, int]:
 
 @dataclass
 class ReformerConfig:
-    """Architecture of a Reformer language model (DESIGN.md section 4).
+    """Architecture of a Reformer language model, validated at construction.
 
     Attention per layer: `attention` is one kind for every layer ("lsh", "full" or "local")
     or a comma-separated pattern repeated over the layers, e.g. "local,local,lsh,local" (the
@@ -159,6 +159,16 @@ class ReformerConfig:
     common multiple of its chunk lengths, which changes what a wrapped look-back sees."""
 
     def __post_init__(self) -> None:
+        # The order of the checks is the order of the errors a user meets; keep it.
+        self._check_field_types()
+        self._check_interop_switches()
+        self._check_shapes_and_rates()
+        pattern = self._check_attention_pattern()
+        self._check_lsh_and_windows(pattern)
+        self._check_positions()
+
+    def _check_field_types(self) -> None:
+        """Every int field's type and lower bound, and the interop switches' bool types."""
         _check_int("vocab_size", self.vocab_size, 2)
         _check_int("d_model", self.d_model, 1)
         _check_int("n_heads", self.n_heads, 1)
@@ -186,6 +196,9 @@ class ReformerConfig:
         _check_bool("local_wrap", self.local_wrap)
         _check_bool("attn_out_bias", self.attn_out_bias)
         _check_bool("tie_embeddings", self.tie_embeddings)
+
+    def _check_interop_switches(self) -> None:
+        """The switches for checkpoints trained elsewhere: activation, key norm, bucket factors."""
         if self.ff_activation not in FF_ACTIVATIONS:
             raise ValueError(
                 f"ReformerConfig.ff_activation must be one of {FF_ACTIVATIONS}; "
@@ -209,6 +222,9 @@ class ReformerConfig:
                     f"ReformerConfig.bucket_factors {self.bucket_factors} must be even ints "
                     ">= 2 (each rotation gives +/- halves)"
                 )
+
+    def _check_shapes_and_rates(self) -> None:
+        """Mode flags' types, head split, bucket count parity, dropout, layer-norm epsilon."""
         _check_bool("causal", self.causal)
         _check_bool("reversible", self.reversible)
         _check_bool("shared_qk", self.shared_qk, optional=True)
@@ -231,6 +247,8 @@ class ReformerConfig:
                 f"ReformerConfig.layer_norm_eps must be a positive float; got {self.layer_norm_eps}"
             )
 
+    def _check_attention_pattern(self) -> tuple[str, ...]:
+        """Normalise `attention` to a comma-separated string of known kinds; return the kinds."""
         if isinstance(self.attention, (list, tuple)):
             self.attention = ",".join(self.attention)
         if not isinstance(self.attention, str):
@@ -251,7 +269,10 @@ class ReformerConfig:
                 "ReformerConfig.shared_qk=False is not possible with attention 'lsh': LSH "
                 "hashes one shared query-key vector. Use shared_qk=None or True"
             )
+        return pattern
 
+    def _check_lsh_and_windows(self, pattern: tuple[str, ...]) -> None:
+        """LSH mode, chunk windows, wrap-around, padding and kernel, given the layer kinds."""
         if self.lsh_mode is not None and self.lsh_mode not in LSH_MODES:
             raise ValueError(
                 f"ReformerConfig.lsh_mode must be one of {LSH_MODES} or None; got {self.lsh_mode!r}"
@@ -297,6 +318,8 @@ class ReformerConfig:
                 f"ReformerConfig.lsh_kernel must be one of {LSH_KERNELS}; got {self.lsh_kernel!r}"
             )
 
+    def _check_positions(self) -> None:
+        """Position embedding kind and, for axial, a grid that covers max_seq_len and d_model."""
         if self.pos_emb not in POS_EMBS:
             raise ValueError(
                 f"ReformerConfig.pos_emb must be one of {POS_EMBS}; got {self.pos_emb!r}"
