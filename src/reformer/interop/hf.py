@@ -13,7 +13,7 @@ here imports transformers.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NoReturn
 
 from torch import Tensor
 
@@ -52,76 +52,14 @@ def _lcm_pad(kinds: set[str], lsh_c: int, local_c: int) -> int | None:
 def config_from_hf(hf: dict[str, Any]) -> ReformerConfig:
     """transformers' ReformerConfig (as a config.json dict) -> our ReformerConfig, or an
     InteropError naming the field that has no counterpart here."""
-    if hf.get("model_type", "reformer") != "reformer":
-        raise InteropError(f"config.json model_type is {hf.get('model_type')!r}, not 'reformer'")
-    causal = bool(hf.get("is_decoder", False))
-    archs = hf.get("architectures") or []
-    # transformers itself refuses these pairs when it builds the model
-    if ("ReformerModelWithLMHead" in archs and not causal) or (
-        "ReformerForMaskedLM" in archs and causal
-    ):
-        raise InteropError(
-            f"config.json architectures {archs} with is_decoder={causal}: a "
-            "ReformerModelWithLMHead needs is_decoder true, a ReformerForMaskedLM false"
-        )
-    kinds = list(_need(hf, "attn_layers"))
-    bad = sorted(set(kinds) - {"lsh", "local"})
-    if bad:
-        raise InteropError(f"config.json attn_layers holds {bad}; known: 'lsh', 'local'")
-    n_layers = int(hf.get("num_hidden_layers", len(kinds)))
-    if n_layers != len(kinds):
-        raise InteropError(
-            f"config.json num_hidden_layers={n_layers} but attn_layers has {len(kinds)} entries; "
-            "transformers builds one layer per attn_layers entry"
-        )
-    arounds = {
-        kind: (hf.get(f"{kind}_num_chunks_before", 1), hf.get(f"{kind}_num_chunks_after", 0))
-        for kind in sorted(set(kinds))
-    }
-    for kind, (before, after) in arounds.items():
-        # Causal models and LSH's wrapped look-back: the paper's one chunk back. Encoders'
-        # local layers: any neighbours (one setting for all of them here).
-        if (causal or kind == "lsh") and (before, after) != (1, 0):
-            raise InteropError(
-                f"config.json {kind}_num_chunks_before={before}, {kind}_num_chunks_after="
-                f"{after}: only 1 and 0 are supported for "
-                f"{'causal models' if causal else 'LSH layers'} (each chunk attends to "
-                "itself and the one before, the paper's layout and both released checkpoints)"
-            )
-    if len(set(arounds.values())) > 1:
-        raise InteropError(
-            f"config.json sets different chunk neighbours per kind ({arounds}); this library "
-            "has one chunks_before / chunks_after setting for all layers"
-        )
-    around = next(iter(arounds.values()))
+    causal, kinds = _hf_layers(hf)
+    around = _hf_chunk_neighbours(hf, kinds, causal)
     act = hf.get("hidden_act", "relu")
     if act not in HF_ACTIVATIONS:
         raise InteropError(f"config.json hidden_act={act!r}; supported: {sorted(HF_ACTIVATIONS)}")
-    lsh_c, local_c = hf.get("lsh_attn_chunk_length", 64), hf.get("local_attn_chunk_length", 64)
-    for field, value in (("lsh_attn_chunk_length", lsh_c), ("local_attn_chunk_length", local_c)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise InteropError(
-                f"config.json {field}={value!r}: a positive int is needed (null, transformers' "
-                "whole-sequence attention, is not supported)"
-            )
-    factors: tuple[int, ...] | None = None
-    if "lsh" in kinds:
-        nb = hf.get("num_buckets")
-        if nb is None:
-            raise InteropError(
-                "config.json num_buckets is null: transformers then picks the bucket count on "
-                "its first forward from that call's length and writes it into the config. Set "
-                "num_buckets in config.json to the count the model was trained with"
-            )
-        factors = (int(nb),) if isinstance(nb, int) else tuple(int(f) for f in nb)
-    if hf.get("axial_pos_embds", True):
-        pos = dict(
-            pos_emb="axial",
-            axial_shape=tuple(_need(hf, "axial_pos_shape")),
-            axial_dims=tuple(_need(hf, "axial_pos_embds_dim")),
-        )
-    else:
-        pos = dict(pos_emb="absolute")
+    lsh_c, local_c = _hf_chunk_lengths(hf)
+    factors = _hf_bucket_factors(hf, kinds)
+    pos = _hf_positions(hf)
     try:
         return ReformerConfig(
             vocab_size=int(_need(hf, "vocab_size")),
@@ -152,6 +90,95 @@ def config_from_hf(hf: dict[str, Any]) -> ReformerConfig:
         )
     except (TypeError, ValueError) as e:
         raise InteropError(f"config.json cannot be represented here: {e}") from e
+
+
+def _hf_layers(hf: dict[str, Any]) -> tuple[bool, list[str]]:
+    """(causal, attention kind per layer) of a transformers config, checked against its
+    architecture and layer count."""
+    if hf.get("model_type", "reformer") != "reformer":
+        raise InteropError(f"config.json model_type is {hf.get('model_type')!r}, not 'reformer'")
+    causal = bool(hf.get("is_decoder", False))
+    archs = hf.get("architectures") or []
+    # transformers itself refuses these pairs when it builds the model
+    if ("ReformerModelWithLMHead" in archs and not causal) or (
+        "ReformerForMaskedLM" in archs and causal
+    ):
+        raise InteropError(
+            f"config.json architectures {archs} with is_decoder={causal}: a "
+            "ReformerModelWithLMHead needs is_decoder true, a ReformerForMaskedLM false"
+        )
+    kinds = list(_need(hf, "attn_layers"))
+    bad = sorted(set(kinds) - {"lsh", "local"})
+    if bad:
+        raise InteropError(f"config.json attn_layers holds {bad}; known: 'lsh', 'local'")
+    n_layers = int(hf.get("num_hidden_layers", len(kinds)))
+    if n_layers != len(kinds):
+        raise InteropError(
+            f"config.json num_hidden_layers={n_layers} but attn_layers has {len(kinds)} entries; "
+            "transformers builds one layer per attn_layers entry"
+        )
+    return causal, kinds
+
+
+def _hf_chunk_neighbours(hf: dict[str, Any], kinds: list[str], causal: bool) -> tuple[int, int]:
+    """The one (chunks_before, chunks_after) that every layer kind of the config uses."""
+    arounds = {
+        kind: (hf.get(f"{kind}_num_chunks_before", 1), hf.get(f"{kind}_num_chunks_after", 0))
+        for kind in sorted(set(kinds))
+    }
+    for kind, (before, after) in arounds.items():
+        # Causal models and LSH's wrapped look-back: the paper's one chunk back. Encoders'
+        # local layers: any neighbours (one setting for all of them here).
+        if (causal or kind == "lsh") and (before, after) != (1, 0):
+            raise InteropError(
+                f"config.json {kind}_num_chunks_before={before}, {kind}_num_chunks_after="
+                f"{after}: only 1 and 0 are supported for "
+                f"{'causal models' if causal else 'LSH layers'} (each chunk attends to "
+                "itself and the one before, the paper's layout and both released checkpoints)"
+            )
+    if len(set(arounds.values())) > 1:
+        raise InteropError(
+            f"config.json sets different chunk neighbours per kind ({arounds}); this library "
+            "has one chunks_before / chunks_after setting for all layers"
+        )
+    return next(iter(arounds.values()))
+
+
+def _hf_chunk_lengths(hf: dict[str, Any]) -> tuple[int, int]:
+    """(LSH chunk length, local chunk length), each a positive int."""
+    lsh_c, local_c = hf.get("lsh_attn_chunk_length", 64), hf.get("local_attn_chunk_length", 64)
+    for field, value in (("lsh_attn_chunk_length", lsh_c), ("local_attn_chunk_length", local_c)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InteropError(
+                f"config.json {field}={value!r}: a positive int is needed (null, transformers' "
+                "whole-sequence attention, is not supported)"
+            )
+    return lsh_c, local_c
+
+
+def _hf_bucket_factors(hf: dict[str, Any], kinds: list[str]) -> tuple[int, ...] | None:
+    """transformers' num_buckets as our bucket_factors (None without LSH layers)."""
+    if "lsh" not in kinds:
+        return None
+    nb = hf.get("num_buckets")
+    if nb is None:
+        raise InteropError(
+            "config.json num_buckets is null: transformers then picks the bucket count on "
+            "its first forward from that call's length and writes it into the config. Set "
+            "num_buckets in config.json to the count the model was trained with"
+        )
+    return (int(nb),) if isinstance(nb, int) else tuple(int(f) for f in nb)
+
+
+def _hf_positions(hf: dict[str, Any]) -> dict[str, Any]:
+    """Our position-embedding fields for transformers' axial or absolute embeddings."""
+    if hf.get("axial_pos_embds", True):
+        return dict(
+            pos_emb="axial",
+            axial_shape=tuple(_need(hf, "axial_pos_shape")),
+            axial_dims=tuple(_need(hf, "axial_pos_embds_dim")),
+        )
+    return dict(pos_emb="absolute")
 
 
 def hf_buckets(cfg: ReformerConfig, seq_len: int | None) -> int | list[int]:
@@ -185,53 +212,9 @@ def config_to_hf(cfg: ReformerConfig, seq_len: int | None = None) -> dict[str, A
     """Our ReformerConfig -> transformers' config.json dict, or an InteropError naming the
     field transformers cannot represent and the setting that it can."""
     kinds = cfg.layer_kinds
-
-    def refuse(field: str, value: Any, fix: str) -> None:
-        raise InteropError(
-            f"ReformerConfig.{field}={value!r} cannot be represented in transformers' "
-            f"Reformer: {fix}"
-        )
-
-    if not cfg.causal:
-        refuse("causal", cfg.causal, "its ReformerModelWithLMHead is a causal model")
-    if not cfg.reversible:
-        refuse("reversible", cfg.reversible, "its layers are always reversible")
-    if "full" in kinds:
-        refuse("attention", cfg.attention, "its layers are 'lsh' or 'local' only")
-    if "local" in kinds and cfg.shared_qk_for("local"):
-        refuse("shared_qk", cfg.shared_qk, "its local attention has separate query and key")
-    if "lsh" in kinds:
-        for field in ("lsh_mode", "lsh_wrap", "lsh_dedup"):
-            have = cfg.resolved_lsh_mode if field == "lsh_mode" else getattr(cfg, field)
-            want = TRANSFORMERS_SEMANTICS[field]
-            if have != want:
-                refuse(
-                    field,
-                    have,
-                    f"its LSH is the chunk layout with look-back wrap and no duplicate "
-                    f"correction ({field}={want!r}); setting that here changes the model's "
-                    "outputs, so fine-tune with it before exporting",
-                )
-    if cfg.attn_out_bias:
-        refuse("attn_out_bias", True, "its attention output projection has no bias")
-    if cfg.tie_embeddings:
-        refuse("tie_embeddings", True, "its output layer is an untied Linear(2 d, vocab)")
-    if cfg.key_norm != "rms" and any(cfg.shared_qk_for(k) for k in kinds):
-        refuse(
-            "key_norm",
-            cfg.key_norm,
-            "it normalises keys as 'rms' (about 1e-8 apart from 'l2'; set key_norm='rms')",
-        )
-    if cfg.pos_emb == "none" or (cfg.pos_emb == "axial" and len(cfg.resolved_axial_shape) != 2):
-        refuse(
-            "pos_emb",
-            cfg.pos_emb if cfg.pos_emb == "none" else cfg.resolved_axial_shape,
-            "it has 2-axis axial or absolute position embeddings only",
-        )
+    _check_hf_attention(cfg, kinds)
+    _check_hf_layers(cfg, kinds)
     lsh_c, local_c = cfg.chunk_len_for("lsh"), cfg.chunk_len_for("local")
-    want_pad = _lcm_pad(set(kinds), lsh_c, local_c)
-    if (cfg.pad_multiple or lsh_c) != (want_pad or lsh_c) and "lsh" in kinds:
-        refuse("pad_multiple", cfg.pad_multiple, f"it pads to {want_pad or lsh_c}")
     hf: dict[str, Any] = {
         "architectures": ["ReformerModelWithLMHead"],
         "model_type": "reformer",
@@ -270,6 +253,61 @@ def config_to_hf(cfg: ReformerConfig, seq_len: int | None = None) -> dict[str, A
         hf["axial_pos_shape"] = list(cfg.resolved_axial_shape)
         hf["axial_pos_embds_dim"] = list(cfg.resolved_axial_dims)
     return hf
+
+
+def _refuse(field: str, value: Any, fix: str) -> NoReturn:
+    """Raise the InteropError for a field transformers cannot represent, with the fix."""
+    raise InteropError(
+        f"ReformerConfig.{field}={value!r} cannot be represented in transformers' Reformer: {fix}"
+    )
+
+
+def _check_hf_attention(cfg: ReformerConfig, kinds: tuple[str, ...]) -> None:
+    """Refuse a model whose direction, residuals or attention kinds transformers lacks."""
+    if not cfg.causal:
+        _refuse("causal", cfg.causal, "its ReformerModelWithLMHead is a causal model")
+    if not cfg.reversible:
+        _refuse("reversible", cfg.reversible, "its layers are always reversible")
+    if "full" in kinds:
+        _refuse("attention", cfg.attention, "its layers are 'lsh' or 'local' only")
+    if "local" in kinds and cfg.shared_qk_for("local"):
+        _refuse("shared_qk", cfg.shared_qk, "its local attention has separate query and key")
+    if "lsh" in kinds:
+        for field in ("lsh_mode", "lsh_wrap", "lsh_dedup"):
+            have = cfg.resolved_lsh_mode if field == "lsh_mode" else getattr(cfg, field)
+            want = TRANSFORMERS_SEMANTICS[field]
+            if have != want:
+                _refuse(
+                    field,
+                    have,
+                    f"its LSH is the chunk layout with look-back wrap and no duplicate "
+                    f"correction ({field}={want!r}); setting that here changes the model's "
+                    "outputs, so fine-tune with it before exporting",
+                )
+
+
+def _check_hf_layers(cfg: ReformerConfig, kinds: tuple[str, ...]) -> None:
+    """Refuse projections, key norm, position embeddings or padding that transformers lacks."""
+    if cfg.attn_out_bias:
+        _refuse("attn_out_bias", True, "its attention output projection has no bias")
+    if cfg.tie_embeddings:
+        _refuse("tie_embeddings", True, "its output layer is an untied Linear(2 d, vocab)")
+    if cfg.key_norm != "rms" and any(cfg.shared_qk_for(k) for k in kinds):
+        _refuse(
+            "key_norm",
+            cfg.key_norm,
+            "it normalises keys as 'rms' (about 1e-8 apart from 'l2'; set key_norm='rms')",
+        )
+    if cfg.pos_emb == "none" or (cfg.pos_emb == "axial" and len(cfg.resolved_axial_shape) != 2):
+        _refuse(
+            "pos_emb",
+            cfg.pos_emb if cfg.pos_emb == "none" else cfg.resolved_axial_shape,
+            "it has 2-axis axial or absolute position embeddings only",
+        )
+    lsh_c, local_c = cfg.chunk_len_for("lsh"), cfg.chunk_len_for("local")
+    want_pad = _lcm_pad(set(kinds), lsh_c, local_c)
+    if (cfg.pad_multiple or lsh_c) != (want_pad or lsh_c) and "lsh" in kinds:
+        _refuse("pad_multiple", cfg.pad_multiple, f"it pads to {want_pad or lsh_c}")
 
 
 # --- weights ----------------------------------------------------------------------------------
