@@ -149,35 +149,60 @@ def plan_memory(
     if cfg.max_seq_len < length:
         cfg.max_seq_len = length
     shapes = _param_shapes(cfg)
-    n_params = sum(math.prod(s) for s, _ in shapes)
-    n_grad = sum(math.prod(s) for s, g in shapes if g)
     act = 2 if precision == "bf16" else 4
-    B, d, V = batch, cfg.d_model, cfg.vocab_size
+    components, phases = _step_memory(cfg, length, batch, act, shapes, optimizer)
+    return MemoryPlan(
+        config=cfg,
+        length=length,
+        batch=batch,
+        precision=precision,
+        optimizer=optimizer,
+        parameters=sum(math.prod(s) for s, _ in shapes),
+        components=components,
+        phases=phases,
+    )
+
+
+def _attention_step(
+    cfg: ReformerConfig, kind: str, length: int, B: int, act: int
+) -> tuple[int, int]:
+    """(core tensors, working set) of one attention step's backward pass, bytes; act is the
+    bytes of one activation element (2 bf16, 4 fp32)."""
     inner = cfg.n_heads * cfg.head_dim
     H, R = cfg.n_heads, cfg.n_hashes
+    C = cfg.chunk_len_for(kind) if kind != "full" else 1
+    Lp = padded_length(length, C)
+    core = ATTENTION_TENSORS * B * Lp * inner * act
+    n = sum(cfg.resolved_chunks) + 1  # chunks per window: 2 causal, 3 for encoders
+    if kind == "lsh":
+        # per (batch, head, round, position): n C pair codes (int8), the sorted slot's
+        # source row (int64), its row maximum and weight (fp32), and its hash bucket
+        work = B * H * R * Lp * (n * C + 8 + 4 + 4 + 8)
+    elif kind == "local":
+        # keys and values with their neighbouring chunks (n L each), and their
+        # gradients; int8 codes of C x n C per chunk
+        work = 4 * n * B * Lp * inner * act + B * H * Lp * n * C
+    else:  # the (B, 1, L, L) bias and the (B, H, L, L) scores, probabilities, gradient
+        work = B * length * length * 4 + 3 * B * H * length * length * 4
+    return core, work
+
+
+def _step_memory(
+    cfg: ReformerConfig,
+    length: int,
+    B: int,
+    act: int,
+    shapes: list[tuple[torch.Size, bool]],
+    optimizer: str,
+) -> tuple[dict[str, int], dict[str, int]]:
+    """(bytes by component, bytes by phase of the step) for `MemoryPlan`; the attention
+    figures are those of the layer kind with the largest step."""
+    d, V = cfg.d_model, cfg.vocab_size
+    n_grad = sum(math.prod(s) for s, g in shapes if g)
     tokens = B * length
     stream = tokens * d * 4
-
-    def attention_step(kind: str) -> tuple[int, int]:
-        """(core tensors, working set) of one attention step's backward pass, bytes."""
-        C = cfg.chunk_len_for(kind) if kind != "full" else 1
-        Lp = padded_length(length, C)
-        core = ATTENTION_TENSORS * B * Lp * inner * act
-        n = sum(cfg.resolved_chunks) + 1  # chunks per window: 2 causal, 3 for encoders
-        if kind == "lsh":
-            # per (batch, head, round, position): n C pair codes (int8), the sorted slot's
-            # source row (int64), its row maximum and weight (fp32), and its hash bucket
-            work = B * H * R * Lp * (n * C + 8 + 4 + 4 + 8)
-        elif kind == "local":
-            # keys and values with their neighbouring chunks (n L each), and their
-            # gradients; int8 codes of C x n C per chunk
-            work = 4 * n * B * Lp * inner * act + B * H * Lp * n * C
-        else:  # the (B, 1, L, L) bias and the (B, H, L, L) scores, probabilities, gradient
-            work = B * length * length * 4 + 3 * B * H * length * length * 4
-        return core, work
-
     kinds = list(dict.fromkeys(cfg.layer_kinds))
-    attn = {k: attention_step(k) for k in kinds}
+    attn = {k: _attention_step(cfg, k, length, B, act) for k in kinds}
     worst = max(kinds, key=lambda k: sum(attn[k]))
     core, work = attn[worst]
     ff_chunk = min(cfg.ff_chunk_len or length, length)
@@ -205,16 +230,7 @@ def plan_memory(
         # the update's temporaries (AdamW: one per parameter, on top of the state)
         "optimizer step": n_grad * 4 if optimizer == "adamw" else 0,
     }
-    return MemoryPlan(
-        config=cfg,
-        length=length,
-        batch=batch,
-        precision=precision,
-        optimizer=optimizer,
-        parameters=n_params,
-        components=components,
-        phases=phases,
-    )
+    return components, phases
 
 
 def longest_fitting(

@@ -15,9 +15,21 @@ import argparse
 import json
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .files import atomic_write
-from .plan import GiB, MiB, longest_fitting, measure_step_fresh, parse_size, plan_memory
+from .plan import (
+    GiB,
+    MemoryPlan,
+    MiB,
+    longest_fitting,
+    measure_step_fresh,
+    parse_size,
+    plan_memory,
+)
+
+if TYPE_CHECKING:
+    from .run_config import TrainConfig
 
 HELP = __doc__.split("\n\n", 1)[1]
 
@@ -34,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_plan(argv: list[str]) -> int:
+    """`reformer plan ARGV`: print the predicted step memory (and what fits --budget, and the
+    measured peak with --measure); write it as JSON with --json. Returns the exit code."""
     from .train import resolve_device
     from .train_args import parse_train_args
 
@@ -44,24 +58,7 @@ def cmd_plan(argv: list[str]) -> int:
         return 0
     budget = parse_size(args.budget) if args.budget is not None else None  # checked first
     cfg = parse_train_args(rest)
-    if cfg.task == "translation":
-        raise ValueError(
-            "reformer plan covers language-model runs; task=translation (an encoder-decoder) "
-            "is not modelled yet"
-        )
-    length = args.length
-    if length is None and cfg.task == "images":
-        if cfg.image_side is None:
-            raise ValueError(
-                "task=images: the length is 3 x side^2 of the data's images; give --length "
-                "or --image-side"
-            )
-        length = 3 * cfg.image_side**2
-    length = length if length is not None else cfg.seq_len
-    batch = args.batch if args.batch is not None else cfg.batch_size
-    for name, value in (("--length", length), ("--batch", batch)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1 (got {value})")
+    length, batch = _length_and_batch(cfg, args)
     device = str(resolve_device(cfg.device))
     plan = plan_memory(cfg.model, length, batch, cfg.precision, cfg.optim.name)
     print(plan.table())
@@ -85,33 +82,70 @@ def cmd_plan(argv: list[str]) -> int:
         "predicted_total_bytes": plan.total,
     }
     if budget is not None:
-        best = longest_fitting(cfg.model, budget, batch, cfg.precision, cfg.optim.name)
-        if best is None:
-            print(f"\nnothing fits {args.budget}: even one chunk needs more")
-        else:
-            n, fit = best
-            more = " (the model's max_seq_len is lower)" if n > cfg.model.max_seq_len else ""
-            print(
-                f"\nlongest length that fits {args.budget} (model + step): {n:,} tokens{more} "
-                f"x batch {batch} ({fit.total / GiB:.2f} GiB)"
-            )
+        best = _print_longest_fitting(cfg, budget, args.budget, batch)
         out["budget_bytes"], out["longest_fitting"] = budget, best[0] if best else None
     if args.measure:
-        print(
-            "\nmeasuring two real steps in a fresh process (MALLOC_MMAP_THRESHOLD_=65536: "
-            "RSS tracks live tensors) ...",
-            flush=True,
-        )
-        try:
-            got = measure_step_fresh(
-                cfg.model, length, batch, cfg.precision, cfg.optim.name, device
-            )
-        except (RuntimeError, subprocess.TimeoutExpired) as e:
-            raise ValueError(f"--measure: {e}") from None
-        got = max(got, 1)  # a step too small to move the peak RSS
-        err = plan.peak / got - 1
-        print(f"measured step peak above the model: {got / MiB:,.1f} MiB (prediction {err:+.1%})")
-        out["measured_peak_bytes"] = got
+        out["measured_peak_bytes"] = _print_measured(cfg, plan, length, batch, device)
     if args.json:
         atomic_write(Path(args.json), json.dumps(out, indent=2))
     return 0
+
+
+def _length_and_batch(cfg: TrainConfig, args: argparse.Namespace) -> tuple[int, int]:
+    """The planned (length, batch): the flags, else the run's (an image run: 3 x side^2);
+    refuses a translation run, which the plan does not model."""
+    if cfg.task == "translation":
+        raise ValueError(
+            "reformer plan covers language-model runs; task=translation (an encoder-decoder) "
+            "is not modelled yet"
+        )
+    length = args.length
+    if length is None and cfg.task == "images":
+        if cfg.image_side is None:
+            raise ValueError(
+                "task=images: the length is 3 x side^2 of the data's images; give --length "
+                "or --image-side"
+            )
+        length = 3 * cfg.image_side**2
+    length = length if length is not None else cfg.seq_len
+    batch = args.batch if args.batch is not None else cfg.batch_size
+    for name, value in (("--length", length), ("--batch", batch)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1 (got {value})")
+    return length, batch
+
+
+def _print_longest_fitting(
+    cfg: TrainConfig, budget: float, budget_text: str, batch: int
+) -> tuple[int, MemoryPlan] | None:
+    """Print the longest length whose model + step fits the budget; return it with its plan."""
+    best = longest_fitting(cfg.model, budget, batch, cfg.precision, cfg.optim.name)
+    if best is None:
+        print(f"\nnothing fits {budget_text}: even one chunk needs more")
+    else:
+        n, fit = best
+        more = " (the model's max_seq_len is lower)" if n > cfg.model.max_seq_len else ""
+        print(
+            f"\nlongest length that fits {budget_text} (model + step): {n:,} tokens{more} "
+            f"x batch {batch} ({fit.total / GiB:.2f} GiB)"
+        )
+    return best
+
+
+def _print_measured(
+    cfg: TrainConfig, plan: MemoryPlan, length: int, batch: int, device: str
+) -> int:
+    """Run two real steps in a fresh process; print and return their peak bytes (>= 1)."""
+    print(
+        "\nmeasuring two real steps in a fresh process (MALLOC_MMAP_THRESHOLD_=65536: "
+        "RSS tracks live tensors) ...",
+        flush=True,
+    )
+    try:
+        got = measure_step_fresh(cfg.model, length, batch, cfg.precision, cfg.optim.name, device)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        raise ValueError(f"--measure: {e}") from None
+    got = max(got, 1)  # a step too small to move the peak RSS
+    err = plan.peak / got - 1
+    print(f"measured step peak above the model: {got / MiB:,.1f} MiB (prediction {err:+.1%})")
+    return got
