@@ -286,8 +286,9 @@ class TrainConfig:
         """A field the task does not read is refused when set, not silently ignored.
 
         Under `unused_fields("defer")` (the CLI's intermediate layers) nothing is checked;
-        under `unused_fields("reset")` (configs read back from checkpoints written before
-        this rule) such fields go back to their defaults, with a warning."""
+        under `unused_fields("reset")` (configs read back from checkpoints, which may hold
+        such fields from versions without this check) they go back to their defaults, with
+        a warning."""
         mode = _UNUSED_MODE.get()
         if mode == "defer":
             return
@@ -295,7 +296,33 @@ class TrainConfig:
         for f in fields(TrainConfig):
             if f.default is not MISSING:
                 setattr(default, f.name, f.default)
-        unused: dict[str, str] = {}  # field -> why
+        unused = self._unused_sections(default) | self._unused_encoder_fields()
+        if self.task in ENCODER_TASKS and self.eval_hashes not in ((), default.eval_hashes):
+            unused["eval_hashes"] = "encoder runs print no hash-round table"
+        if self.task != "images" and self.image_side != default.image_side:
+            unused["image_side"] = "read by task 'images' only"
+        if self.task in ("duplication", "listops") and self.data is not None:
+            unused["data"] = f"the {self.task} task generates its data"
+        if not unused:
+            return
+        listing = "; ".join(f"{name} ({why})" for name, why in unused.items())
+        if mode == "reset":
+            warnings.warn(
+                f"the saved config sets fields its task {self.task!r} does not use, reset to "
+                f"their defaults: {listing}",
+                stacklevel=2,
+            )
+            self._reset_fields(unused, default)
+            return
+        raise ValueError(
+            f"task {self.task!r} does not use {listing}; remove "
+            f"{'it' if len(unused) == 1 else 'them'} or choose the task that does"
+        )
+
+    def _unused_sections(self, default: TrainConfig) -> dict[str, str]:
+        """Set fields that the task does not read, field -> why: a translation run's model
+        fields beyond the shared ones, seq_len and eval_hashes; any other run's translation.*."""
+        unused: dict[str, str] = {}
         if self.task == "translation":
             base = ReformerConfig()
             why = (
@@ -317,6 +344,12 @@ class TrainConfig:
             for f in fields(TranslationConfig):
                 if getattr(self.translation, f.name) != getattr(base_t, f.name):
                     unused[f"translation.{f.name}"] = "read by task 'translation' only"
+        return unused
+
+    def _unused_encoder_fields(self) -> dict[str, str]:
+        """Set encoder.* fields that the task does not read, field -> why (each field's
+        readers known by its name's prefix: mask_ and random_ mlm, listops_ listops)."""
+        unused: dict[str, str] = {}
         base_e = EncoderConfig()
         readers = {"mask_": ("mlm",), "random_": ("mlm",), "listops_": ("listops",)}
         readers |= {"vocab": ("classify",), "spm_": ("classify",)}
@@ -329,36 +362,20 @@ class TrainConfig:
             )
             if self.task not in tasks:
                 unused[f"encoder.{f.name}"] = f"read by task {' and '.join(tasks)} only"
-        if self.task in ENCODER_TASKS and self.eval_hashes not in ((), default.eval_hashes):
-            unused["eval_hashes"] = "encoder runs print no hash-round table"
-        if self.task != "images" and self.image_side != default.image_side:
-            unused["image_side"] = "read by task 'images' only"
-        if self.task in ("duplication", "listops") and self.data is not None:
-            unused["data"] = f"the {self.task} task generates its data"
-        if not unused:
-            return
-        listing = "; ".join(f"{name} ({why})" for name, why in unused.items())
-        if mode == "reset":
-            warnings.warn(
-                f"the saved config sets fields its task {self.task!r} does not use, reset to "
-                f"their defaults: {listing}",
-                stacklevel=2,
-            )
-            for name in unused:
-                section, _, field_name = name.rpartition(".")
-                obj = getattr(self, section) if section else self
-                base_obj = {
-                    "model": ReformerConfig,
-                    "translation": TranslationConfig,
-                    "encoder": EncoderConfig,
-                }.get(section)
-                value = getattr(base_obj(), field_name) if base_obj else getattr(default, name)
-                object.__setattr__(obj, field_name, value)
-            return
-        raise ValueError(
-            f"task {self.task!r} does not use {listing}; remove "
-            f"{'it' if len(unused) == 1 else 'them'} or choose the task that does"
-        )
+        return unused
+
+    def _reset_fields(self, names: dict[str, str], default: TrainConfig) -> None:
+        """Set each named field ("seq_len", "model.n_buckets", ...) back to its default."""
+        for name in names:
+            section, _, field_name = name.rpartition(".")
+            obj = getattr(self, section) if section else self
+            base_obj = {
+                "model": ReformerConfig,
+                "translation": TranslationConfig,
+                "encoder": EncoderConfig,
+            }.get(section)
+            value = getattr(base_obj(), field_name) if base_obj else getattr(default, name)
+            object.__setattr__(obj, field_name, value)
 
 
 _UNUSED_MODE: contextvars.ContextVar[str] = contextvars.ContextVar("unused", default="refuse")
