@@ -307,7 +307,7 @@ def test_resume_compares_old_configs_with_new_fields_at_their_defaults():
     """A run saved before a config field existed resumes: the missing field reads as its
     default (and a real difference is still a difference)."""
     from reformer.run_config import config_to_dict
-    from reformer.training.trainer import _with_defaults
+    from reformer.training.resume import with_defaults as _with_defaults
 
     resolved = config_to_dict(TrainConfig())
     old = json.loads(json.dumps(resolved))

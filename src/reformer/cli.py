@@ -6,6 +6,7 @@ there is no second list of options to keep in sync.
 
 from __future__ import annotations
 
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import tyro
 
 from .checkpoint import CheckpointError
 from .distributed import process_group
+from .files import is_write_error, write_error_message
 from .run_config import ENCODER_TASKS
 from .train import (
     PRESETS,
@@ -26,6 +28,8 @@ from .train import (
     train,
 )
 from .train_args import parse_train_args
+from .training import RunStopped, RunWriteFailed
+from .training.interrupt import exit_code
 
 USAGE = """usage: reformer {train,eval,plot,generate,translate,predict,convert,plan} ...
 
@@ -296,12 +300,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return VERBS[verb](rest)
+    except RunStopped as e:
+        if e.rank == 0:
+            print(f"reformer {verb}: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except KeyboardInterrupt as e:  # Ctrl-C outside a training loop (or a third signal)
+        print(f"reformer {verb}: interrupted", file=sys.stderr, flush=True)
+        return exit_code(getattr(e, "signum", signal.SIGINT))
     except TrainingDiverged as e:
         print(f"reformer {verb}: {e}", file=sys.stderr)
         return 3
+    except RunWriteFailed as e:
+        print(f"reformer {verb}: error: {e}", file=sys.stderr)
+        return 4
     except (ValueError, TypeError, FileNotFoundError, CheckpointError) as e:
         print(f"reformer {verb}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if not is_write_error(e):
+            raise
+        print(f"reformer {verb}: error: {write_error_message(e)}", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 __all__ = [
     "LaunchEnv",
     "StateView",
+    "all_reduce_max",
     "all_reduce_sum",
     "barrier",
     "broadcast_object",
@@ -159,6 +160,15 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def all_reduce_max(value: int, device: torch.device) -> int:
+    """The largest of the ranks' integers (the value itself in one process)."""
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

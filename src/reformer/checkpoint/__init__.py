@@ -34,12 +34,15 @@ file), tuples become ``{"__tuple__": [...]}`` and dicts with non-string keys
 become ``{"__items__": [[key, value], ...]}``.
 
 Checkpoints are ordered by step: "newest" means "highest step". A single writer
-per run directory is assumed.
+per run directory is assumed (the Trainer holds the run directory's lock,
+``files.run_lock``). A save the filesystem has no room for is refused before
+anything is written; any write error names its file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import uuid
@@ -52,6 +55,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
+from ..files import naming
 from .codec import (
     _check_model_compat,
     _check_optimizer_compat,
@@ -160,64 +164,101 @@ def save_checkpoint(
         raise ValueError(f"step must be a non-negative int, got {step!r}")
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep!r}")
-
+    # Everything is serialised before any I/O, so bad input fails first.
+    payload = _payload(model, optimizer, scheduler, state, config)
+    meta = {
+        "format": FORMAT,
+        "step": step,
+        "torch_version": torch.__version__,
+        "model_class": type(model).__qualname__,
+        "optimizer_class": None if optimizer is None else type(optimizer).__qualname__,
+        "scheduler_class": None if scheduler is None else type(scheduler).__qualname__,
+    }
     ckpt_root = Path(run_dir) / _CHECKPOINTS_SUBDIR
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    name = _step_dir_name(step)
-    final = ckpt_root / name
-    tmp = ckpt_root / f"{_TMP_PREFIX}{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with naming(ckpt_root):
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+    _check_space(ckpt_root, payload)
+    final = _commit(ckpt_root, _step_dir_name(step), payload, meta)
+    _prune(ckpt_root, keep=keep, protect=final)
+    return final
 
-    # Serialise the JSON payloads first so that bad input fails before any I/O.
+
+Payload = dict[str, "dict[str, torch.Tensor] | bytes"]
+
+
+def _payload(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: LRScheduler | None,
+    state: Mapping[str, Any] | None,
+    config: Mapping[str, Any] | None,
+) -> Payload:
+    """A checkpoint's files, in writing order: file name -> tensors (a safetensors file)
+    or bytes (JSON). The RNG states are captured here, at the moment of the save."""
     state_bytes = _json_bytes(dict(state or {}), "state")
     config_bytes = _json_bytes(dict(config or {}), "config")
-
-    displaced: Path | None = None
-    tmp.mkdir()
-    try:
-        files: dict[str, dict[str, Any]] = {}
-
-        files[MODEL_FILE] = _write_tensors(tmp / MODEL_FILE, _model_tensors(model))
-
-        if optimizer is not None:
-            tensors: dict[str, torch.Tensor] = {}
-            encoded = _encode(optimizer.state_dict(), "", tensors)
-            files[OPTIMIZER_TENSORS_FILE] = _write_tensors(tmp / OPTIMIZER_TENSORS_FILE, tensors)
-            files[OPTIMIZER_JSON_FILE] = _write_bytes(
-                tmp / OPTIMIZER_JSON_FILE, _json_bytes(encoded, "optimizer state")
-            )
-
-        if scheduler is not None:
-            tensors = {}
-            encoded = _encode(scheduler.state_dict(), "", tensors)
-            if tensors:
-                files[SCHEDULER_TENSORS_FILE] = _write_tensors(
-                    tmp / SCHEDULER_TENSORS_FILE, tensors
-                )
-            files[SCHEDULER_JSON_FILE] = _write_bytes(
-                tmp / SCHEDULER_JSON_FILE, _json_bytes(encoded, "scheduler state")
-            )
-
+    files: Payload = {MODEL_FILE: _model_tensors(model)}
+    if optimizer is not None:
+        tensors: dict[str, torch.Tensor] = {}
+        encoded = _encode(optimizer.state_dict(), "", tensors)
+        files[OPTIMIZER_TENSORS_FILE] = tensors
+        files[OPTIMIZER_JSON_FILE] = _json_bytes(encoded, "optimizer state")
+    if scheduler is not None:
         tensors = {}
-        encoded = _encode(_capture_rng(), "", tensors)
-        files[RNG_TENSORS_FILE] = _write_tensors(tmp / RNG_TENSORS_FILE, tensors)
-        files[RNG_JSON_FILE] = _write_bytes(tmp / RNG_JSON_FILE, _json_bytes(encoded, "rng"))
+        encoded = _encode(scheduler.state_dict(), "", tensors)
+        if tensors:
+            files[SCHEDULER_TENSORS_FILE] = tensors
+        files[SCHEDULER_JSON_FILE] = _json_bytes(encoded, "scheduler state")
+    tensors = {}
+    encoded = _encode(_capture_rng(), "", tensors)
+    files[RNG_TENSORS_FILE] = tensors
+    files[RNG_JSON_FILE] = _json_bytes(encoded, "rng")
+    files[STATE_FILE] = state_bytes
+    files[CONFIG_FILE] = config_bytes
+    return files
 
-        files[STATE_FILE] = _write_bytes(tmp / STATE_FILE, state_bytes)
-        files[CONFIG_FILE] = _write_bytes(tmp / CONFIG_FILE, config_bytes)
 
-        meta = {
-            "format": FORMAT,
-            "step": step,
-            "torch_version": torch.__version__,
-            "model_class": type(model).__qualname__,
-            "optimizer_class": None if optimizer is None else type(optimizer).__qualname__,
-            "scheduler_class": None if scheduler is None else type(scheduler).__qualname__,
-            "files": files,
+#: room kept free beyond a checkpoint's bytes: safetensors headers, meta.json, the filesystem
+SPACE_MARGIN = 1 << 20
+
+
+def _check_space(ckpt_root: Path, payload: Payload) -> None:
+    """Refuse a save the filesystem has no room for before anything is written (ENOSPC,
+    naming the directory, the size needed and the space free)."""
+    need = SPACE_MARGIN + sum(
+        len(v) if isinstance(v, bytes) else sum(t.numel() * t.element_size() for t in v.values())
+        for v in payload.values()
+    )
+    free = shutil.disk_usage(ckpt_root).free
+    if need > free:
+        mib = 1 << 20
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left on device (the checkpoint needs {need / mib:,.1f} MiB, "
+            f"{free / mib:,.1f} MiB are free)",
+            str(ckpt_root),
+        )
+
+
+def _commit(ckpt_root: Path, name: str, payload: Payload, meta: dict[str, Any]) -> Path:
+    """Write `payload` into a temporary sibling directory, fsync, write meta.json last and
+    move the directory to ckpt_root/name; a crash or error at any point leaves the earlier
+    checkpoints (and an earlier copy of this step) as they were."""
+    final = ckpt_root / name
+    tmp = ckpt_root / f"{_TMP_PREFIX}{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    displaced: Path | None = None
+    try:
+        with naming(tmp):
+            tmp.mkdir()
+        files = {
+            fname: _write_bytes(tmp / fname, data)
+            if isinstance(data, bytes)
+            else _write_tensors(tmp / fname, data)
+            for fname, data in payload.items()
         }
         # meta.json last: a directory with a valid meta.json has all its files.
-        _write_bytes(tmp / META_FILE, _json_bytes(meta, "meta"))
+        _write_bytes(tmp / META_FILE, _json_bytes(meta | {"files": files}, "meta"))
         _fsync_dir(tmp)
-
         if final.exists():
             # Re-saving a step: os.replace cannot overwrite a non-empty directory,
             # so move the old one aside (it then counts as stale) and drop it after.
@@ -231,10 +272,8 @@ def save_checkpoint(
                 os.replace(displaced, final)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
     if displaced is not None:
         shutil.rmtree(displaced, ignore_errors=True)
-    _prune(ckpt_root, keep=keep, protect=final)
     return final
 
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..files import file_mode
+from ..files import file_mode, naming
 from .store import OPTIMIZER_JSON_FILE, CheckpointError, _sha256_file
 
 _TENSOR_TAG = "__tensor__"
@@ -27,14 +27,15 @@ def save_tensors(path: Path | str, tensors: dict[str, torch.Tensor]) -> None:
     """safetensors' save_file, with the file's mode following the umask like every other
     file (save_file writes through a private temporary file: 0600, which a group sharing
     the run directory could not read)."""
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    os.chmod(path, file_mode())
+    with naming(path):
+        save_file(tensors, str(path), metadata={"format": "pt"})
+        os.chmod(path, file_mode())
 
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Save tensors with safetensors, fsync, and return the manifest entry."""
     save_tensors(path, _standalone(tensors))
-    with open(path, "rb") as f:
+    with naming(path), open(path, "rb") as f:
         os.fsync(f.fileno())
     digest, size = _sha256_file(path)
     return {"sha256": digest, "size": size}

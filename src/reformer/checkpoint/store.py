@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..files import naming
+
 FORMAT = "reformer-checkpoint/1"
 """Format identifier written to ``meta.json``; bumped on incompatible changes."""
 
@@ -170,7 +172,7 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_bytes(path: Path, data: bytes) -> dict[str, Any]:
     """Write ``data`` durably; return the file's manifest entry (sha256, size)."""
-    with open(path, "wb") as f:
+    with naming(path), open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

@@ -8,10 +8,21 @@ from __future__ import annotations
 
 import importlib
 
-from .common import TrainingDiverged
-from .trainer import Recipe, Trainer, register_callback
+from .common import RunWriteFailed, TrainingDiverged
+from .interrupt import RunStopped
+from .recipe import Recipe
+from .trainer import Trainer, register_callback
 
-__all__ = ["RECIPES", "Recipe", "Trainer", "TrainingDiverged", "recipe_for", "register_callback"]
+__all__ = [
+    "RECIPES",
+    "Recipe",
+    "RunStopped",
+    "RunWriteFailed",
+    "Trainer",
+    "TrainingDiverged",
+    "recipe_for",
+    "register_callback",
+]
 
 # Imported by name when a run needs them, so the engine imports no task code.
 RECIPES: dict[str, str] = {

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..files import atomic_write
+from ..files import atomic_write, naming
 from ..run_config import OptimConfig, TrainConfig
 
 # The loop's old name for `files.atomic_write`.
@@ -61,6 +61,11 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+class RunWriteFailed(RuntimeError):
+    """A run could not write a file (full disk, quota, permissions, read-only): the message
+    names the file, the fix and the checkpoint to resume from."""
+
+
 class MetricsLog:
     """DIR/metrics.jsonl: one JSON object per line, appended and flushed as it goes; with
     `tensorboard` set, every numeric field of each record also goes to TensorBoard event
@@ -103,7 +108,7 @@ class MetricsLog:
         atomic_write_text(self.path, "".join(x + "\n" for x in keep))
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
+        with naming(self.path), open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
         if self._tb_dir is not None and "step" in record:

@@ -1,14 +1,22 @@
-"""The training loop every task runs: resume, micro-batches, DDP/FSDP, NaN stop, clipping,
-evaluation, checkpoints, the time limit, metrics. A task brings a `Recipe`.
+"""The training loop every task runs: set-up (run directory, resume, model, optimiser,
+DDP/FSDP), then for each step: train, log, evaluate, save; then stop. A task brings a
+`Recipe` (recipe.py).
 
 Exact resume: batches are pure functions of (seed, step), evaluation runs on a forked RNG,
 and checkpoints carry the optimiser, scheduler and RNG states; so a run resumed after a
 kill continues with bit-identical losses on the CPU.
 
+Stopping: SIGTERM, SIGINT and SIGUSR1 (interrupt.py) end the run at the next step boundary
+with a checkpoint of that step and exit status 128 + the signal's number; --max-minutes ends
+it the same way with status 0. One writer per run directory: rank 0 holds its lock
+(`files.run_lock`). A write that fails (full disk, quota, permissions) stops the run with
+one line naming the file and the fix; the checkpoints written before stay loadable.
+
 Multi-process: under torchrun the CLI initialises torch.distributed and calls
 `train(cfg, rank, world_size)`; the model is wrapped in DDP (or sharded with FSDP2), each rank
 trains on its own rows of the same global batch, and only rank 0 writes files
-(docs/distributed.md).
+(docs/distributed.md). The ranks agree on every stop (NaN, time, signal) through the one
+small all-reduce each step already makes.
 """
 
 from __future__ import annotations
@@ -16,7 +24,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +36,11 @@ from torch import Tensor, nn
 from ..checkpoint import (
     latest_checkpoint,
     load_checkpoint,
-    read_checkpoint_config,
-    read_checkpoint_state,
     save_checkpoint,
 )
 from ..distributed import (
     StateView,
+    all_reduce_max,
     all_reduce_sum,
     barrier,
     broadcast_object,
@@ -42,20 +50,24 @@ from ..distributed import (
     local_device,
     no_grad_sync,
     restart_count,
-    torchrun_env,
     wrap_model,
 )
-from ..run_config import TrainConfig, config_from_dict, config_to_dict, unused_fields
+from ..files import atomic_write, is_write_error, run_lock, write_error_message
+from ..run_config import TrainConfig, config_to_dict
 from .common import (
     MetricsLog,
+    RunWriteFailed,
     TrainingDiverged,
-    atomic_write_text,
     autocast_for,
     build_optimizer,
     lr_factor,
     out_of_time,
     resolve_device,
 )
+from .interrupt import RunStopped, StopSignals
+from .progress import Progress
+from .recipe import Recipe
+from .resume import check_resume_state, pick_checkpoint
 
 Callback = Callable[[str, dict[str, Any]], None]
 _CALLBACKS: list[Callback] = []
@@ -64,88 +76,9 @@ _CALLBACKS: list[Callback] = []
 def register_callback(fn: Callback) -> Callback:
     """Call `fn(event, info)` at the trainer's events in every run of this process:
     "step_start" with {"step", "rank", "world_size"} before each optimiser step. Tests use it
-    to kill a rank at a chosen step; returns fn, so it works as a decorator."""
+    to kill or signal a rank at a chosen step; returns fn, so it works as a decorator."""
     _CALLBACKS.append(fn)
     return fn
-
-
-class Recipe:
-    """What a task brings to the Trainer. Subclasses implement the methods that raise.
-
-    The loss of a step is the sum over its micro-batches of `micro_loss(output)`, averaged
-    over ranks: a recipe scales each micro-batch's loss so that this is the loss of the
-    whole global batch (DDP averages the gradients over ranks the same way).
-    """
-
-    #: config sections a resumed run must share with its checkpoint
-    resume_sections: tuple[str, ...] = ("model",)
-    #: keys of `state()` (what `prepare` derived from the data: a classifier's label
-    #: names, its tokenizer) a resumed run must share with its checkpoint's saved state
-    resume_state: tuple[str, ...] = ()
-
-    def __init__(self, cfg: TrainConfig, rank: int, world_size: int, device: torch.device):
-        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
-
-    def prepare(self, out: Path) -> None:
-        """Data and tokenizers, on every rank, before the model is built. Files it writes
-        (rank 0, in `out`) come after the run-directory checks have passed."""
-
-    def build_model(self) -> nn.Module:
-        raise NotImplementedError
-
-    def loss(self, model: nn.Module, *inputs: Tensor) -> Any:
-        """The wrapped module's forward (what DDP and FSDP see): model -> loss output."""
-        raise NotImplementedError
-
-    def micro_batches(self, step: int) -> list[tuple[Tensor, ...]]:
-        """This rank's inputs of each micro-batch of optimiser step `step`, on the device."""
-        raise NotImplementedError
-
-    def micro_loss(self, output: Any, micros: list[tuple[Tensor, ...]]) -> Tensor:
-        """The tensor to back-propagate for one micro-batch's `loss` output."""
-        raise NotImplementedError
-
-    def tokens(self, micros: list[tuple[Tensor, ...]]) -> int:
-        """Tokens this step processes on all ranks (for tokens_per_s)."""
-        raise NotImplementedError
-
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Validation metrics (rank 0 alone, unwrapped model)."""
-        raise NotImplementedError
-
-    def eval_settings(self) -> dict[str, Any]:
-        """The evaluation's batch size, batch count, device, precision and seed: rank 0
-        evaluates alone, on as many rows per batch as one process with the global batch."""
-        cfg = self.cfg
-        return dict(
-            batch_size=cfg.eval_batch_size or cfg.batch_size * self.world_size,
-            max_batches=cfg.eval_batches or None,
-            device=self.device,
-            precision=cfg.precision,
-            seed=cfg.seed,
-        )
-
-    def logged_loss(self, step_loss: float, micros: list[tuple[Tensor, ...]]) -> float | None:
-        """Called after every step with its loss; returns the loss to log at this step, or
-        None for the last step's own. Translation returns the token-weighted mean since
-        its previous log line (`reset_logged_loss`)."""
-        return None
-
-    def reset_logged_loss(self) -> None:
-        """A log line was written."""
-
-    def state(self, step: int) -> dict[str, Any]:
-        """The JSON training state saved with each checkpoint."""
-        return {"step": step}
-
-    def describe(self, model: nn.Module) -> str | None:
-        """A line printed (rank 0) once the model is built, or None."""
-        return None
-
-    def init_from(self, path: Path, model: nn.Module) -> Any:
-        """Fine-tuning (--init-from): load another run's weights into the fresh model (a
-        `LoadedCheckpoint`). A recipe whose head differs from the source's loads the rest."""
-        return load_checkpoint(path, model, restore_rng=False)
 
 
 class _LossModule(nn.Module):
@@ -181,34 +114,34 @@ def _is_launched(rank: int, world_size: int) -> bool:
     return False
 
 
-def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved run config with the fields added since it was written at their defaults (a
-    newer library compares like with like on --resume); as saved if it no longer parses."""
-    import warnings
+@dataclass
+class _Loop:
+    """What the phases of one run share: the run's objects, the step, and its clocks."""
 
-    try:
-        with unused_fields("reset"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return config_to_dict(config_from_dict(saved))
-    except (TypeError, ValueError):
-        return saved
-
-
-def _elastic_restart_resumes(ckpt: Path | None, resolved: dict[str, Any]) -> bool:
-    """A worker group restarted by torchrun (--max-restarts) continues from the newest
-    checkpoint without --resume, but only from one written with this very config, so that a
-    restart never continues some other run that was in --out."""
-    if ckpt is None or torchrun_env() is None or restart_count() == 0:
-        return False
-    saved = read_checkpoint_config(ckpt)
-    return {k: v for k, v in saved.items() if k != "resume"} == {
-        k: v for k, v in resolved.items() if k != "resume"
-    }
+    out: Path
+    resolved: dict[str, Any]
+    metrics: MetricsLog
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    wrapped: nn.Module | None  # the DDP/FSDP-wrapped loss module when launched
+    step: int
+    progress: Progress
+    t_start: float = field(default_factory=time.perf_counter)
+    t_log: float = field(default_factory=time.perf_counter)
+    tokens_since: int = 0
+    last_eval: dict[str, Any] = field(default_factory=dict)
+    stop: str | None = None  # why the loop ends before cfg.steps: "time" or "signal"
+    signum: int = 0  # the signal that stopped it (agreed by all ranks)
+    saved: Path | None = None  # the newest checkpoint of this run (written or resumed from)
+    record: dict[str, Any] = field(default_factory=dict)  # the last step's figures
+    evaluated: bool = False  # rank 0 evaluated at this step (the others wait for it)
 
 
 class Trainer:
     """One run of `cfg` with `recipe_cls` on this rank: `Trainer(...).run()` -> the last
-    evaluation's metrics (rank 0; other ranks get {})."""
+    evaluation's metrics (rank 0; other ranks get {}). Raises RunStopped after a signal
+    (with the checkpoint saved), RunWriteFailed when a file cannot be written."""
 
     def __init__(
         self, cfg: TrainConfig, recipe_cls: type[Recipe], rank: int = 0, world_size: int = 1
@@ -226,219 +159,298 @@ class Trainer:
         self.device = local_device(device) if self.launched else device
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.recipe = recipe_cls(cfg, rank, world_size, self.device)
-
-    # --- set-up --------------------------------------------------------------------------
-    def _pick_checkpoint(self, out: Path, resolved: dict[str, Any]) -> Path | None:
-        """The checkpoint to resume from (None: a fresh run), refusing to overwrite a run."""
-        ckpt = latest_checkpoint(out) if self.rank == 0 and out.exists() else None
-        # Rank 0 picks the checkpoint and every rank loads that one (the run directory must
-        # be on a filesystem all ranks see); deciding once keeps the ranks from disagreeing.
-        ckpt = broadcast_object(ckpt)
-        if ckpt is None:
-            return None
-        if not (self.cfg.resume or _elastic_restart_resumes(ckpt, resolved)):
-            raise ValueError(
-                f"{out} already holds a run (checkpoint {ckpt.name}); pass --resume to "
-                "continue it or choose another --out"
-            )
-        saved = _with_defaults(read_checkpoint_config(ckpt))
-        for section in self.recipe.resume_sections:
-            if saved.get(section) != resolved[section]:
-                diff = sorted(
-                    k
-                    for k in resolved[section]
-                    if saved.get(section, {}).get(k) != resolved[section][k]
-                )
-                raise ValueError(
-                    f"--resume: {ckpt} was trained with a different {section} config (fields "
-                    f"{diff}); resume with the run's own config (DIR/config.yaml) or start "
-                    "a new --out"
-                )
-        return ckpt
+        self.signals = StopSignals()
 
     def run(self) -> dict[str, Any]:
-        cfg, rank, world_size, device = self.cfg, self.rank, self.world_size, self.device
-        recipe, launched = self.recipe, self.launched
+        """Set up, then train, log, evaluate and save step by step until cfg.steps, the time
+        limit or a signal; then stop."""
+        with self.signals, self._holding_run_dir():
+            loop = self._setup()
+            try:
+                with self._naming_write_errors(loop):
+                    while loop.step < self.cfg.steps and loop.stop is None:
+                        self._train_step(loop)
+                        self._log(loop)
+                        self._evaluate(loop)
+                        self._save(loop)
+            finally:
+                loop.progress.close()
+                loop.metrics.close()
+            self._stop(loop)
+        return loop.last_eval
+
+    # --- set-up --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _holding_run_dir(self) -> Iterator[None]:
+        """Rank 0 holds the run directory's lock for the whole run; a refusal reaches every
+        rank (no rank waits for a rank 0 that gave up)."""
+        with contextlib.ExitStack() as stack:
+            refused = None
+            if self.rank == 0:
+                try:
+                    stack.enter_context(run_lock(self.cfg.out))
+                except ValueError as e:
+                    refused = e
+            if self.launched:
+                refused = broadcast_object(refused)
+            if refused is not None:
+                raise refused
+            yield
+
+    def _setup(self) -> _Loop:
+        cfg, rank = self.cfg, self.rank
         out = Path(cfg.out)
         metrics = MetricsLog(
             out / "metrics.jsonl", out / "tensorboard" if cfg.tensorboard else None
         )
         resolved = config_to_dict(cfg)
-        ckpt = self._pick_checkpoint(out, resolved)
-        recipe.prepare(out)
-        if ckpt is not None and recipe.resume_state:
-            saved, now = read_checkpoint_state(ckpt), recipe.state(0)
-            for key in recipe.resume_state:
-                if key in saved and saved[key] != now[key]:
-                    raise ValueError(
-                        f"--resume: {ckpt} was trained with the {key} {saved[key]}, but this "
-                        f"run has {now[key]}; resume with the run's own data and settings, "
-                        "or start a new --out"
-                    )
+        ckpt = pick_checkpoint(out, cfg.resume, resolved, self.recipe, rank)
+        self.recipe.prepare(out)
+        check_resume_state(ckpt, self.recipe)
         torch.manual_seed(cfg.seed)
-        model = recipe.build_model()
-        opt = build_optimizer(model, cfg.optim)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.optim, cfg.steps, s))
+        model = self.recipe.build_model()
+        opt, sched = self._optimizer(model)
         start = 0
         if ckpt is not None:
             start = load_checkpoint(ckpt, model, opt, sched).step
             if rank == 0:
                 metrics.truncate_after(start)
                 print(f"resuming {out} from step {start} ({ckpt.name})", flush=True)
-        elif launched and restart_count() > 0 and rank == 0:
+        elif self.launched and restart_count() > 0 and rank == 0:
             metrics.truncate_after(0)  # restarted before the first checkpoint: start over
         if start == 0 and cfg.init_from is not None:
             # Fine-tuning: the weights of another run (or of a converted checkpoint), a fresh
             # optimiser and schedule; a shape that differs is refused by name.
-            loaded = recipe.init_from(Path(cfg.init_from), model)
+            loaded = self.recipe.init_from(Path(cfg.init_from), model)
             if rank == 0:
                 print(f"initialised from {cfg.init_from} (step {loaded.step})", flush=True)
         if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
-            line = recipe.describe(model)
+            atomic_write(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+            line = self.recipe.describe(model)
             if line:
                 print(line, flush=True)
+        wrapped, opt, sched = self._wrap(model, opt, sched, start)
+        progress = Progress(cfg.steps, start, rank == 0 and cfg.progress)
+        return _Loop(
+            out, resolved, metrics, model, opt, sched, wrapped, start, progress, saved=ckpt
+        )
 
-        # What the loop calls for a micro-batch's loss: the recipe's loss on the model in one
-        # process, through the DDP/FSDP wrapper when launched.
-        wrapped: nn.Module | None = None
-        fsdp = launched and cfg.parallel == "fsdp"
-        if launched:
-            wrapped = wrap_model(_LossModule(model, recipe), cfg.parallel, device)
-            if fsdp:
-                # fully_shard replaced the parameters by sharded DTensors: rebuild the
-                # optimiser and schedule over those, carrying over the state loaded above.
-                loaded_opt, loaded_sched = opt.state_dict(), sched.state_dict()
-                opt = build_optimizer(model, cfg.optim)
-                sched = torch.optim.lr_scheduler.LambdaLR(
-                    opt, lambda s: lr_factor(cfg.optim, cfg.steps, s)
-                )
-                if start > 0:
-                    load_full_optimizer_state(wrapped, model, opt, loaded_opt)
-                    sched.load_state_dict(loaded_sched)
-                del loaded_opt
+    def _optimizer(self, model: nn.Module) -> tuple[Any, Any]:
+        cfg = self.cfg
+        opt = build_optimizer(model, cfg.optim)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.optim, cfg.steps, s))
+        return opt, sched
 
-        def loss_fn(*inputs: Tensor) -> Any:
-            return wrapped(*inputs) if wrapped is not None else recipe.loss(model, *inputs)
+    def _wrap(self, model: nn.Module, opt: Any, sched: Any, start: int) -> tuple[Any, Any, Any]:
+        """Launched: the loss module wrapped in DDP or FSDP2 (FSDP also rebuilds the optimiser
+        and schedule over the sharded parameters, carrying over the loaded state)."""
+        if not self.launched:
+            return None, opt, sched
+        cfg = self.cfg
+        wrapped = wrap_model(_LossModule(model, self.recipe), cfg.parallel, self.device)
+        if cfg.parallel == "fsdp":
+            loaded_opt, loaded_sched = opt.state_dict(), sched.state_dict()
+            opt, sched = self._optimizer(model)
+            if start > 0:
+                load_full_optimizer_state(wrapped, model, opt, loaded_opt)
+                sched.load_state_dict(loaded_sched)
+        return wrapped, opt, sched
 
-        bar = None
-        if rank == 0 and cfg.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(
-                total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True
+    # --- one step ----------------------------------------------------------------------------
+    def _train_step(self, loop: _Loop) -> None:
+        """Forward and backward over the step's micro-batches, the agreed stop decisions
+        (NaN, time, signal), clipping and the optimiser step."""
+        cfg, recipe = self.cfg, self.recipe
+        for fn in _CALLBACKS:
+            fn("step_start", {"step": loop.step, "rank": self.rank, "world_size": self.world_size})
+        micros = recipe.micro_batches(loop.step)
+        loss_value = 0.0
+        for i, inputs in enumerate(micros):
+            # Gradients of all but the last micro-batch stay local: one all-reduce a step.
+            local = loop.wrapped is not None and i < len(micros) - 1
+            with no_grad_sync(loop.wrapped) if local else contextlib.nullcontext():
+                with autocast_for(self.device, cfg.precision):
+                    out = (
+                        loop.wrapped(*inputs) if loop.wrapped else recipe.loss(loop.model, *inputs)
+                    )
+                    loss = recipe.micro_loss(out, micros)
+                loss.backward()
+            loss_value += float(loss.detach())
+        loss_value = self._agree_on_stop(loop, loss_value)
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(
+                f"loss is {loss_value} at step {loop.step + 1}; stopped. The last good "
+                f"checkpoint in {loop.out / 'checkpoints'} is kept: lower --optim.lr, raise "
+                "--optim.warmup-steps or use --precision fp32, then --resume"
             )
-        t_start = time.perf_counter()
-        t_log, tokens_since = time.perf_counter(), 0
-        last_eval: dict[str, Any] = {}
-        step = start
-        model.train()
-        while step < cfg.steps:
-            for fn in _CALLBACKS:
-                fn("step_start", {"step": step, "rank": rank, "world_size": world_size})
-            micros = recipe.micro_batches(step)
-            loss_value = 0.0
-            for i, inputs in enumerate(micros):
-                # Gradients of all but the last micro-batch stay local: one all-reduce a step.
-                local = wrapped is not None and i < len(micros) - 1
-                with no_grad_sync(wrapped) if local else contextlib.nullcontext():
-                    with autocast_for(device, cfg.precision):
-                        loss = recipe.micro_loss(loss_fn(*inputs), micros)
-                    loss.backward()
-                loss_value += float(loss.detach())
-            ranks_out_of_time = False
-            if launched:
-                # The logged loss is the mean over ranks (the loss of the whole global batch,
-                # as one process computes it); every rank sees the same value, so all of
-                # them stop together on a NaN, and on rank 0's clock for --max-minutes.
-                late = float(rank == 0 and out_of_time(cfg, t_start))
-                loss_sum, late = all_reduce_sum([loss_value, late], device)
-                loss_value, ranks_out_of_time = loss_sum / world_size, late > 0
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(
-                    f"loss is {loss_value} at step {step + 1}; stopped. The last good "
-                    f"checkpoint in {out / 'checkpoints'} is kept: lower --optim.lr, raise "
-                    "--optim.warmup-steps or use --precision fp32, then --resume"
-                )
-            grad_norm = None
-            if cfg.optim.clip > 0:
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip)
-                if fsdp:
-                    from torch.distributed.tensor import DTensor
+        grad_norm = self._clip(loop)
+        lr = loop.opt.param_groups[0]["lr"]
+        loop.opt.step()
+        loop.sched.step()
+        loop.opt.zero_grad(set_to_none=True)
+        loop.step += 1
+        loop.tokens_since += recipe.tokens(micros)
+        window_loss = recipe.logged_loss(loss_value, micros)
+        loop.record = {"loss": loss_value if window_loss is None else window_loss, "lr": lr}
+        if grad_norm is not None:
+            loop.record["grad_norm"] = grad_norm
+        loop.progress.update()
+        if loop.stop == "signal" and loop.step == cfg.steps:
+            loop.stop = None  # the run is complete anyway: finish it as usual
 
-                    if isinstance(norm, DTensor):  # sharded gradients: a collective
-                        norm = norm.full_tensor()
-                grad_norm = float(norm)
-            lr = opt.param_groups[0]["lr"]
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            tokens_since += recipe.tokens(micros)
-            window_loss = recipe.logged_loss(loss_value, micros)
-            if bar is not None:
-                bar.update(1)
-            last = step == cfg.steps
-            late = ranks_out_of_time if launched else out_of_time(cfg, t_start)
-            if rank == 0 and cfg.log_every and (step % cfg.log_every == 0 or last or late):
-                now = time.perf_counter()
-                tps = tokens_since / max(now - t_log, 1e-9)
-                t_log, tokens_since = now, 0
-                logged = loss_value if window_loss is None else window_loss
-                recipe.reset_logged_loss()
-                rec = {"step": step, "loss": logged, "lr": lr, "tokens_per_s": tps}
-                if grad_norm is not None:
-                    rec["grad_norm"] = grad_norm
-                rec["elapsed_s"] = now - t_start
-                metrics.write(rec)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{logged:.4f}", tok_s=f"{tps:,.0f}")
-            do_eval = bool(cfg.eval_every) and (step % cfg.eval_every == 0 or last or late)
-            if do_eval:
-                # Rank 0 evaluates alone (the others wait at the barrier below). Under FSDP
-                # every rank first takes part in gathering the full weights.
-                if fsdp:
-                    wrapped.unshard()  # type: ignore[union-attr, operator]
-                if rank == 0:
-                    t_eval = time.perf_counter()
-                    last_eval = recipe.evaluate(model)
-                    metrics.write(
-                        {"step": step}
-                        | {f"eval_{k}": v for k, v in last_eval.items()}
-                        | {"eval_s": time.perf_counter() - t_eval}
-                    )
-                    msg = f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
-                    bar.write(msg) if bar is not None else print(msg, flush=True)
-                if fsdp:
-                    wrapped.reshard()  # type: ignore[union-attr, operator]
-            do_save = step % cfg.checkpoint_every == 0 or last or late
-            if do_save:
-                saved_model: Any = model
-                saved_opt: Any = opt
-                if fsdp:  # gather the shards (collectives on every rank); rank 0 keeps them
-                    saved_model = StateView.named_like(model, full_state_dict(model, rank == 0))
-                    saved_opt = StateView.named_like(opt, full_state_dict(opt, rank == 0))
-                if rank == 0:
-                    save_checkpoint(
-                        out,
-                        step,
-                        saved_model,
-                        saved_opt,
-                        sched,
-                        state=recipe.state(step),
-                        config=resolved,
-                        keep=cfg.keep_checkpoints,
-                    )
-            if launched and (do_eval or do_save):
-                # Nobody runs ahead while rank 0 evaluates or writes: a checkpoint is
-                # complete on disk before any rank can take another step (and crash).
-                barrier()
-            if late:
-                if bar is not None:
-                    bar.write(f"--max-minutes {cfg.max_minutes} reached at step {step}; saved")
-                break
-        if bar is not None:
-            bar.close()
-        metrics.close()
-        return last_eval
+    def _agree_on_stop(self, loop: _Loop, loss_value: float) -> float:
+        """The step's loss (the mean over ranks when launched) and `loop.stop`: every rank
+        reaches the same decisions at the same step, on rank 0's clock for --max-minutes
+        and on a signal any rank received."""
+        signum = self.signals.signum or 0
+        if self.launched:
+            late = float(self.rank == 0 and out_of_time(self.cfg, loop.t_start))
+            loss_sum, late, signalled = all_reduce_sum(
+                [loss_value, late, float(signum > 0)], self.device
+            )
+            loss_value = loss_sum / self.world_size
+            if signalled:  # rare: one more collective to agree on which signal
+                signum = int(all_reduce_max(signum, self.device))
+            late = late > 0
+        else:
+            late = out_of_time(self.cfg, loop.t_start)
+        if signum:
+            loop.stop, loop.signum = "signal", signum
+        elif late:
+            loop.stop = "time"
+        return loss_value
+
+    def _clip(self, loop: _Loop) -> float | None:
+        if self.cfg.optim.clip <= 0:
+            return None
+        norm = torch.nn.utils.clip_grad_norm_(loop.model.parameters(), self.cfg.optim.clip)
+        if self.launched and self.cfg.parallel == "fsdp":
+            from torch.distributed.tensor import DTensor
+
+            if isinstance(norm, DTensor):  # sharded gradients: a collective
+                norm = norm.full_tensor()
+        return float(norm)
+
+    # --- after the step ------------------------------------------------------------------
+    def _boundary(self, loop: _Loop, every: int) -> bool:
+        """Whether this step is an `every` step, the last one, or one the loop stops after."""
+        return (
+            (bool(every) and loop.step % every == 0)
+            or loop.step == self.cfg.steps
+            or loop.stop is not None
+        )
+
+    def _log(self, loop: _Loop) -> None:
+        if self.rank != 0 or not self.cfg.log_every or not self._boundary(loop, self.cfg.log_every):
+            return
+        now = time.perf_counter()
+        tps = loop.tokens_since / max(now - loop.t_log, 1e-9)
+        loop.t_log, loop.tokens_since = now, 0
+        self.recipe.reset_logged_loss()
+        rec = {"step": loop.step, "loss": loop.record["loss"], "lr": loop.record["lr"]}
+        rec["tokens_per_s"] = tps
+        if "grad_norm" in loop.record:
+            rec["grad_norm"] = loop.record["grad_norm"]
+        rec["elapsed_s"] = now - loop.t_start
+        loop.metrics.write(rec)
+        loop.progress.logged(rec)
+
+    def _evaluate(self, loop: _Loop) -> None:
+        """Rank 0 evaluates alone (the others wait at the save's barrier); under FSDP every
+        rank first takes part in gathering the full weights. A signal skips it: the
+        cluster's grace period is for the checkpoint."""
+        if not self.cfg.eval_every or loop.stop == "signal":
+            return
+        if not self._boundary(loop, self.cfg.eval_every):
+            return
+        fsdp = self.launched and self.cfg.parallel == "fsdp"
+        if fsdp:
+            loop.wrapped.unshard()  # type: ignore[union-attr, operator]
+        if self.rank == 0:
+            t_eval = time.perf_counter()
+            loop.last_eval = self.recipe.evaluate(loop.model)
+            loop.metrics.write(
+                {"step": loop.step}
+                | {f"eval_{k}": v for k, v in loop.last_eval.items()}
+                | {"eval_s": time.perf_counter() - t_eval}
+            )
+            items = ", ".join(f"{k} {v:.4f}" for k, v in loop.last_eval.items())
+            loop.progress.write(f"step {loop.step}: {items}")
+        if fsdp:
+            loop.wrapped.reshard()  # type: ignore[union-attr, operator]
+        loop.evaluated = True
+
+    def _save(self, loop: _Loop) -> None:
+        """A checkpoint at every checkpoint_every steps, the last step and a stop. Then,
+        after an evaluation or a save, a barrier: nobody runs ahead while rank 0 evaluates
+        or writes, so a checkpoint is complete on disk before any rank can take another
+        step (and crash)."""
+        save = self._boundary(loop, self.cfg.checkpoint_every)
+        if save:
+            self._write_checkpoint(loop)
+        if self.launched and (save or loop.evaluated):
+            barrier()
+        loop.evaluated = False
+
+    def _write_checkpoint(self, loop: _Loop) -> None:
+        model: Any = loop.model
+        opt: Any = loop.opt
+        if self.launched and self.cfg.parallel == "fsdp":
+            # gather the shards (collectives on every rank); rank 0 keeps them
+            model = StateView.named_like(model, full_state_dict(model, self.rank == 0))
+            opt = StateView.named_like(opt, full_state_dict(opt, self.rank == 0))
+        if self.rank == 0:
+            loop.saved = save_checkpoint(
+                loop.out,
+                loop.step,
+                model,
+                opt,
+                loop.sched,
+                state=self.recipe.state(loop.step),
+                config=loop.resolved,
+                keep=self.cfg.keep_checkpoints,
+            )
+
+    # --- the end -----------------------------------------------------------------------------
+    def _stop(self, loop: _Loop) -> None:
+        """Say why the loop ended early; after a signal raise RunStopped (its exit status)."""
+        if loop.stop == "time" and self.rank == 0:
+            print(f"--max-minutes {self.cfg.max_minutes} reached at step {loop.step}; saved")
+        if loop.stop != "signal":
+            return
+        raise RunStopped(
+            loop.signum,
+            f"stopped by {_signal_name(loop.signum)} after step {loop.step}: saved "
+            f"{loop.saved}; resume with: {self._resume_command(loop)}",
+            rank=self.rank,
+        )
+
+    def _resume_command(self, loop: _Loop) -> str:
+        cmd = f"reformer train --config {loop.out / 'config.yaml'} --resume"
+        if self.launched:
+            cmd = f"torchrun --nproc-per-node {self.world_size} -m {cmd.removeprefix('reformer ')}"
+        return cmd
+
+    @contextlib.contextmanager
+    def _naming_write_errors(self, loop: _Loop) -> Iterator[None]:
+        """A write that fails mid-run -> RunWriteFailed: the file, the cause, the fix and
+        the checkpoint to resume from once it is fixed."""
+        try:
+            yield
+        except OSError as e:
+            if not is_write_error(e):
+                raise
+            kept = latest_checkpoint(loop.out) if loop.out.exists() else None
+            after = (
+                f"the newest checkpoint ({kept}) is intact: resume with "
+                f"`{self._resume_command(loop)}` after the fix"
+                if kept is not None
+                else "no checkpoint was written yet: start the run again after the fix"
+            )
+            raise RunWriteFailed(f"{write_error_message(e)}; {after}") from e
+
+
+def _signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
