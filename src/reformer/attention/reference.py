@@ -1,8 +1,10 @@
 """Naive O(L^2) attention, written to be obviously right: the tests' ground truth.
 
-Each function builds the dense (L x L) set of allowed pairs straight from the definitions in
-DESIGN.md section 2 and takes a plain softmax over it. Nothing here is fast; nothing here
-shares code with the optimised kinds beyond the two score constants.
+Each function builds the dense (L x L) set of allowed pairs straight from the definitions
+(Kitaev et al. 2020, sec. 2: buckets by random rotations, chunks of the bucket-sorted sequence,
+and each hash round's candidate set S_r(i), the paper's P_i^(r)) and takes a plain softmax over
+it. Nothing here is fast; nothing here shares code with the optimised kinds beyond the two
+score constants.
 
 Legend: B batch, H heads, L length, D head dim, R hash rounds.
 """
@@ -205,7 +207,6 @@ def lsh_rounds_reference(
     B, H, L, _ = qk.shape
     C = chunk_len
     Lp = -(-L // C) * C
-    N = Lp // C
     valid = torch.zeros(B, Lp, dtype=torch.bool, device=qk.device)
     valid[:, :L] = _valid(attention_mask, B, L, qk.device)
     qk_p = torch.cat([qk, qk.new_zeros(B, H, Lp - L, qk.shape[-1])], dim=2)
@@ -213,38 +214,17 @@ def lsh_rounds_reference(
     buckets = hash_reference(qk_p, rotations)  # (B, H, R, Lp)
     R = buckets.shape[2]
     K = int(buckets.max()) + 1
-    pos = torch.arange(Lp, device=qk.device)
     scores = qk_p @ _keys_reference(qk_p, key_norm).transpose(-1, -2)  # (B, H, Lp, Lp)
     scores = scores.masked_fill(torch.eye(Lp, dtype=torch.bool, device=qk.device), SELF_SCORE)
     out = torch.zeros_like(v_p)
     for b in range(B):
         for h in range(H):
-            # the concatenated sorted sequence of positions, R * Lp slots
-            seq = torch.cat(
-                [
-                    torch.argsort(torch.where(valid[b], buckets[b, h, r], K) * Lp + pos)
-                    for r in range(R)
-                ]
-            )
-            chunks = seq.view(R * N, C)
+            chunks = _sorted_chunks(buckets[b, h], valid[b], K, C)  # (R * N, C)
             lse, outs = [], []
             for r in range(R):
-                count = torch.zeros(Lp, Lp, dtype=qk.dtype, device=qk.device)  # [i, j]
-                for c in range(r * N, (r + 1) * N):
-                    window = [chunks[c]]
-                    if wrap:
-                        if N > 1:
-                            window.insert(0, chunks[(c - 1) % (R * N)])
-                    else:
-                        first, n = r * N, c % N
-                        for o in (*range(-chunks_before, 0), *range(1, chunks_after + 1)):
-                            if 0 <= n + o < N:
-                                window.append(chunks[first + n + o])
-                    keys = torch.cat(window)
-                    for i in chunks[c].tolist():
-                        for j in keys.tolist():
-                            if valid[b, j] and (not causal or j <= i):
-                                count[i, j] += 1
+                count = _round_pair_counts(
+                    chunks, r, R, valid[b], causal, wrap, chunks_before, chunks_after, qk.dtype
+                )
                 s = scores[b, h].masked_fill(count == 0, float("-inf")) + count.clamp(min=1).log()
                 s = s.masked_fill(~valid[b][:, None], 0.0)  # padded queries: anything finite
                 lse.append(torch.logsumexp(s, dim=-1))
@@ -252,3 +232,49 @@ def lsh_rounds_reference(
             w = torch.softmax(torch.stack(lse), dim=0)  # (R, Lp)
             out[b, h] = (w[..., None] * torch.stack(outs)).sum(0)
     return out[:, :, :L]
+
+
+def _sorted_chunks(buckets: Tensor, valid: Tensor, K: int, C: int) -> Tensor:
+    """(R * N, C): the positions of each round sorted by (bucket, position), padding in
+    bucket K after all others, the rounds laid end to end and cut into chunks of C.
+    buckets: (R, Lp) of one head; valid: (Lp,) real tokens."""
+    R, Lp = buckets.shape
+    pos = torch.arange(Lp, device=buckets.device)
+    seq = torch.cat(
+        [torch.argsort(torch.where(valid, buckets[r], K) * Lp + pos) for r in range(R)]
+    )  # (R * Lp,)
+    return seq.view(R * (Lp // C), C)
+
+
+def _round_pair_counts(
+    chunks: Tensor,
+    r: int,
+    R: int,
+    valid: Tensor,
+    causal: bool,
+    wrap: bool,
+    chunks_before: int,
+    chunks_after: int,
+    dtype: torch.dtype,
+) -> Tensor:
+    """(Lp, Lp) [i, j]: how many times key j sits in query i's window in round r (a key
+    there twice, through the wrap, counts twice). chunks: (R * N, C) positions of the
+    rounds' sorted chunks laid end to end; valid: (Lp,) real tokens."""
+    N, Lp = chunks.shape[0] // R, valid.shape[0]
+    count = torch.zeros(Lp, Lp, dtype=dtype, device=chunks.device)  # [i, j]
+    for c in range(r * N, (r + 1) * N):
+        window = [chunks[c]]
+        if wrap:
+            if N > 1:
+                window.insert(0, chunks[(c - 1) % (R * N)])
+        else:
+            first, n = r * N, c % N
+            for o in (*range(-chunks_before, 0), *range(1, chunks_after + 1)):
+                if 0 <= n + o < N:
+                    window.append(chunks[first + n + o])
+        keys = torch.cat(window)
+        for i in chunks[c].tolist():
+            for j in keys.tolist():
+                if valid[j] and (not causal or j <= i):
+                    count[i, j] += 1
+    return count
