@@ -71,24 +71,7 @@ def local_attention(
     k_c = look_around(pad_to(keys, Lp, 2).view(B, H, N, C, D), nb, na, dim=-2)  # (B, H, N, W, D)
     v_c = look_around(pad_to(v, Lp, 2).view(B, H, N, C, D), nb, na, dim=-2)
 
-    pos = torch.arange(Lp, device=q.device).view(N, C)
-    q_pos = pos[:, :, None]  # (N, C, 1)
-    k_pos = look_around(pos, nb, na, dim=-1)[:, None, :]  # (N, 1, W); ends wrap around
-    assert not (wrap and causal), "a causal model masks the wrapped chunks anyway"
-    if wrap and N > 1:
-        allowed = torch.ones(N, 1, W, dtype=torch.bool, device=q.device)
-    else:
-        allowed = around_ok(1, N, C, q.device, nb, na)  # (N, 1, W): the wraps masked
-    if causal:
-        allowed = allowed & (k_pos <= q_pos)
-    valid = valid_positions(B, L, Lp, attention_mask, q.device).view(B, N, C)
-    k_valid = look_around(valid, nb, na, dim=-1)[:, None, :, None, :]  # (B, 1, N, 1, W)
-    allowed = allowed & k_valid  # (B, 1, N, C, W)
-
-    # int8 codes for the shared core: 0 masked, 1 candidate, 2 the token itself (shared QK)
-    code = allowed.expand(B, H, N, C, W).to(torch.int8)
-    if shared:
-        code = code + (allowed & (q_pos == k_pos)).to(torch.int8)
+    code = _pair_codes(B, H, L, C, nb, na, causal, wrap, shared, attention_mask, q.device)
     dtype = upcast(q[:1, :1, :1, :1]).dtype
     lut = torch.tensor([MASK_SCORE, 0.0, SELF_SCORE], dtype=dtype, device=q.device)
     M = B * H * N
@@ -97,3 +80,40 @@ def local_attention(
         code.reshape(M, C, W), lut,
     )  # fmt: skip
     return out.view(B, H, Lp, D)[:, :, :L]
+
+
+def _pair_codes(
+    B: int,
+    H: int,
+    L: int,
+    C: int,
+    nb: int,
+    na: int,
+    causal: bool,
+    wrap: bool,
+    shared: bool,
+    attention_mask: Tensor | None,
+    device: torch.device,
+) -> Tensor:
+    """(B, H, N, C, W) int8 codes for the shared core: 0 masked, 1 candidate, 2 the token
+    itself (shared QK). A key is a candidate when it lies in the chunk's window (past the
+    ends only with `wrap`), is a real token and, if causal, is not after the query."""
+    Lp = padded_length(L, C)
+    N, W = Lp // C, (nb + 1 + na) * C
+    pos = torch.arange(Lp, device=device).view(N, C)
+    q_pos = pos[:, :, None]  # (N, C, 1)
+    k_pos = look_around(pos, nb, na, dim=-1)[:, None, :]  # (N, 1, W); ends wrap around
+    assert not (wrap and causal), "a causal model masks the wrapped chunks anyway"
+    if wrap and N > 1:
+        allowed = torch.ones(N, 1, W, dtype=torch.bool, device=device)
+    else:
+        allowed = around_ok(1, N, C, device, nb, na)  # (N, 1, W): the wraps masked
+    if causal:
+        allowed = allowed & (k_pos <= q_pos)
+    valid = valid_positions(B, L, Lp, attention_mask, device).view(B, N, C)
+    k_valid = look_around(valid, nb, na, dim=-1)[:, None, :, None, :]  # (B, 1, N, 1, W)
+    allowed = allowed & k_valid  # (B, 1, N, C, W)
+    code = allowed.expand(B, H, N, C, W).to(torch.int8)
+    if shared:
+        code = code + (allowed & (q_pos == k_pos)).to(torch.int8)
+    return code
