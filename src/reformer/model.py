@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import Attention
 from .attention.cache import LayerCache
 from .attention.common import upcast
+from .block import ReformerBlock
 from .config import ReformerConfig
 from .embeddings import AbsolutePositionalEmbedding, AxialPositionalEmbedding
-from .feedforward import FeedForward, apply_chunked, chunk_slices, chunked_cross_entropy
+from .feedforward import chunked_cross_entropy
 from .reversible import reversible_forward
 from .seeding import dropout_mask
 from .seeding import seeded_generator as make_generator
@@ -68,150 +68,8 @@ def not_decodable(config: ReformerConfig | nn.Module) -> str | None:
     return None
 
 
-def _add_grads(acc: list[Tensor | None], new: list[Tensor | None]) -> list[Tensor | None]:
-    """Per-parameter sums of chunk gradients, None where a chunk did not reach a parameter."""
-    return [a if b is None else (b if a is None else a + b) for a, b in zip(acc, new)]
-
-
-class ReformerBlock(nn.Module):
-    """One layer: F = attention, G = chunked feed-forward, each pre-normalised."""
-
-    def __init__(self, config: ReformerConfig, kind: str) -> None:
-        super().__init__()
-        self.attn_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.attn = Attention(config, kind)
-        self.ff_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.ff = FeedForward(config.d_model, config.d_ff, config.ff_activation)
-        self.dropout = config.dropout
-        self.ff_chunk_len = config.ff_chunk_len
-
-    def attn_params(self) -> list[nn.Parameter]:
-        return list(self.attn_norm.parameters()) + list(self.attn.parameters())
-
-    def ff_params(self) -> list[nn.Parameter]:
-        return list(self.ff_norm.parameters()) + list(self.ff.parameters())
-
-    def _mask(self, x: Tensor, gen: torch.Generator, dtype=None) -> Tensor | None:
-        """The dropout multiplier for x's shape (x's dtype unless given); None if no dropout."""
-        if not (self.training and self.dropout > 0):
-            return None
-        return dropout_mask(x.shape, self.dropout, gen, x.device, dtype or x.dtype)
-
-    def attn_branch(
-        self,
-        x: Tensor,
-        attention_mask: Tensor | None,
-        seed: int,
-        cache: LayerCache | None = None,
-        pos: int = 0,
-    ) -> Tensor:
-        """F(x) = dropout(attention(norm(x))): (B, L, d) -> (B, L, d). Random draws (hash
-        rotations first, then the dropout mask) come from a generator seeded with `seed`.
-        cache, pos: decoding (`Attention.forward`)."""
-        gen = make_generator(seed, x.device)
-        out = self.attn(self.attn_norm(x), attention_mask, gen, cache=cache, pos=pos)
-        mask = self._mask(out, gen)
-        return out if mask is None else out * mask
-
-    def attn_branch_vjp(
-        self, x: Tensor, grad: Tensor, seed: int, attention_mask: Tensor | None
-    ) -> tuple[Tensor, Tensor, list[Tensor | None]]:
-        """F(x), x's gradient and the parameters' gradients for upstream `grad`, the random
-        draws replayed from `seed` as `attn_branch` makes them.
-
-        Ordered so that few (B, L, d) tensors are alive at once (the backward pass's peak):
-        the attention core's inputs and output and their gradients exist while the core runs
-        its backward; the output projection's input gradient is formed before it, F(x) only
-        after it; the norm and input projections are recomputed a chunk of positions at a
-        time (as the feed-forward's vjp), so neither the normalised input nor its gradient
-        exists whole."""
-        attn = self.attn
-        B, L, d = x.shape
-        gen = make_generator(seed, x.device)
-        params = [p for p in self.attn_params() if p.requires_grad]
-        with torch.no_grad():
-            heads = attn.project(self.attn_norm(x))
-        rotations = None
-        if attn.kind == "lsh":
-            rotations = attn.draw_rotations(L, gen, x.device, heads[0].dtype)
-        leaves = [t.detach().requires_grad_(True) if t is not None else None for t in heads]
-        del heads
-        with torch.enable_grad():
-            out = attn.core(*leaves, attention_mask, rotations)  # (B, H, L, D)
-        # attn_branch's dropout mask: drawn after the rotations, in the dtype its output has
-        # (the output projection's under autocast, which leaves float64 alone).
-        with torch.no_grad():
-            f_dtype = attn.out(out[:, :, :1].detach().transpose(1, 2).reshape(B, 1, -1)).dtype
-        mask = self._mask(x, gen, f_dtype)
-        g = grad if mask is None else grad * mask
-        w_out = attn.out.weight
-        d_out = torch.matmul(g, w_out.to(g.dtype) if g.dtype != w_out.dtype else w_out)
-        d_out = d_out.view(B, L, attn.n_heads, attn.head_dim).transpose(1, 2)
-        used = [t for t in leaves if t is not None]
-        d_heads = list(torch.autograd.grad(out, used, d_out))
-        del d_out, used, leaves
-        o = out.detach().transpose(1, 2).reshape(B, L, -1)
-        del out
-        own: dict[int, Tensor] = {}
-        if w_out.requires_grad:
-            own[id(w_out)] = (g.reshape(-1, d).t() @ o.reshape(B * L, -1)).to(w_out.dtype)
-        bias = attn.out.bias
-        if bias is not None and bias.requires_grad:
-            own[id(bias)] = g.sum((0, 1)).to(bias.dtype)
-        del g
-        with torch.no_grad():
-            f = attn.out(o)
-            if mask is not None:
-                f = f * mask
-        del o
-        # The norm and the input projections, a chunk of positions at a time.
-        local = [p for m in (self.attn_norm, *attn.projections()) for p in m.parameters()]
-        local = [p for p in local if p.requires_grad]
-        x_grad = torch.empty_like(x)
-        sums: list[Tensor | None] = [None] * len(local)
-        for sl in chunk_slices(L, self.ff_chunk_len):
-            with torch.enable_grad():
-                xc = x[:, sl].detach().requires_grad_(True)
-                outs = [t for t in attn.project(self.attn_norm(xc)) if t is not None]
-                dxc, *dps = torch.autograd.grad(
-                    outs, [xc, *local], [dh[:, :, sl] for dh in d_heads], allow_unused=True
-                )
-            x_grad[:, sl] = dxc
-            sums = _add_grads(sums, dps)
-        own |= {id(p): gp for p, gp in zip(local, sums) if gp is not None}
-        return f, x_grad, [own.get(id(p)) for p in params]
-
-    def _ff(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        out = self.ff(self.ff_norm(x))
-        return out if mask is None else out * mask
-
-    def ff_branch(self, x: Tensor, seed: int) -> Tensor:
-        """G(x) = dropout(ff(norm(x))), a chunk of positions at a time: (B, L, d) -> (B, L, d)."""
-        mask = self._mask(x, make_generator(seed, x.device))
-        return apply_chunked(self._ff, x, mask, chunk_len=self.ff_chunk_len)
-
-    def ff_branch_vjp(
-        self, x: Tensor, grad: Tensor, seed: int
-    ) -> tuple[Tensor, Tensor, list[Tensor | None]]:
-        """G(x), x's gradient and the parameters' gradients for upstream `grad`, a chunk of
-        positions at a time (only one chunk's d_ff intermediate alive at once)."""
-        mask = self._mask(x, make_generator(seed, x.device))
-        params = [p for p in self.ff_params() if p.requires_grad]
-        out, x_grad = torch.empty_like(x), torch.empty_like(x)
-        param_grads: list[Tensor | None] = [None] * len(params)
-        for sl in chunk_slices(x.shape[1], self.ff_chunk_len):
-            with torch.enable_grad():
-                xc = x[:, sl].detach().requires_grad_(True)
-                gc = self._ff(xc, None if mask is None else mask[:, sl])
-                dxc, *dps = torch.autograd.grad(gc, [xc, *params], grad[:, sl], allow_unused=True)
-            out[:, sl] = gc.detach()
-            x_grad[:, sl] = dxc
-            param_grads = _add_grads(param_grads, dps)
-        return out, x_grad, param_grads
-
-
 class ReformerLM(nn.Module):
-    """A Reformer language model: `model(input_ids) -> logits` (DESIGN.md section 4).
+    """A Reformer language model, `model(input_ids) -> logits`, built from a `ReformerConfig`.
 
     input_ids: LongTensor (B, L), any L <= max_seq_len. attention_mask: optional (B, L),
     True/1 at real tokens, False/0 at padding (padded positions never change real outputs).
