@@ -1,4 +1,4 @@
-"""LSH attention (DESIGN.md section 2): hash, sort, attend within chunks, unsort, combine.
+"""LSH attention (Kitaev et al. 2020, sec. 2): hash, sort, attend within chunks, unsort, combine.
 
 Legend: B batch, H heads, L length, Lp padded length (multiple of C), D head dim,
 R hash rounds, K buckets, C chunk length, N = Lp / C chunks per round, S = R * Lp.
@@ -103,12 +103,7 @@ def lsh_attention(
     Returns:
         (B, H, L, D). Outputs at padded positions are finite but meaningless.
     """
-    assert mode in ("window", "chunk"), mode
-    assert causal or mode == "chunk", "window mode is strictly causal: it needs causal=True"
-    assert not wrap or (mode == "chunk" and not dedup), "wrap needs chunk mode without dedup"
-    around = (chunks_before, chunks_after)
-    assert around == (1, 0) or (mode == "chunk" and not wrap), "wider windows: chunk mode, no wrap"
-    assert not causal or chunks_after == 0, "a causal model attends to no later chunk"
+    _check_layout(mode, causal, wrap, dedup, chunks_before, chunks_after)
     B, H, L, _ = qk.shape
     C = chunk_len
     R = rotations[0].shape[2]
@@ -118,16 +113,33 @@ def lsh_attention(
     qk = pad_to(qk, Lp, dim=2)  # (B, H, Lp, D)
     v = pad_to(v, Lp, dim=2)
     valid = valid_positions(B, L, Lp, attention_mask, qk.device)  # (B, Lp)
-    # Padded positions get bucket K of their own, so they sort after every real token and
-    # never change the chunks real tokens fall in.
-    with torch.no_grad():
-        buckets = hash_vectors(qk, rotations).masked_fill(~valid[:, None, None, :], K)
+    buckets = _bucket_ids(qk, rotations, valid, K)  # (B, H, R, Lp)
     keys = unit_keys(qk, key_norm)
     fused = tiles.resolve_kernel(kernel, B * H * R * Lp, qk.device)
     kernels = (fused, kernel != "compiled")
     layout = Layout(C, mode, causal, wrap and Lp > C, dedup, chunks_before, chunks_after)
     out = _LSHCore.apply(qk, keys, v, buckets.reshape(B * H, R, Lp), K, layout, kernels)
     return out[:, :, :L]
+
+
+def _check_layout(
+    mode: str, causal: bool, wrap: bool, dedup: bool, chunks_before: int, chunks_after: int
+) -> None:
+    """The layouts `lsh_attention` supports (the model's config refuses the others first)."""
+    assert mode in ("window", "chunk"), mode
+    assert causal or mode == "chunk", "window mode is strictly causal: it needs causal=True"
+    assert not wrap or (mode == "chunk" and not dedup), "wrap needs chunk mode without dedup"
+    around = (chunks_before, chunks_after)
+    assert around == (1, 0) or (mode == "chunk" and not wrap), "wider windows: chunk mode, no wrap"
+    assert not causal or chunks_after == 0, "a causal model attends to no later chunk"
+
+
+@torch.no_grad()
+def _bucket_ids(qk: Tensor, rotations: tuple[Tensor, ...], valid: Tensor, K: int) -> Tensor:
+    """Buckets (B, H, R, Lp) of the padded qk (B, H, Lp, D); valid (B, Lp). Padded positions
+    get bucket K of their own, so they sort after every real token and never change the
+    chunks real tokens fall in."""
+    return hash_vectors(qk, rotations).masked_fill(~valid[:, None, None, :], K)
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -220,36 +232,16 @@ class _LSHCore(torch.autograd.Function):
             src_g = rows_g[src_g]
             src[flat] = src_g
             o_s, top_s, total_s = o_all[: G * S], top_all[flat], total_all[: G * S]
-            for sl in _row_slices(G, R * N, C * W, layout.wrap):
-                m, a = sl.stop - sl.start, sl.start * C
-                n = m * C
-                back = _wrapped(src_g, sl, R * N, S, C, layout.wrap)
-                qt, kw, vw = bufs.gather(q_f, k_f, v_f, src_g, a, m, back)
-                s = bufs.scores(0, qt, kw)
-                p = tiles.run(
-                    *kernels,
-                    "forward",
-                    s,
-                    codes[rows][sl],
-                    layout.before * C,
-                    top_s[a : a + n].view(m, C),
-                    total_s[a : a + n].view(m, C),
-                )
-                torch.bmm(p.to(v.dtype), vw, out=o_s[a : a + n].view(m, C, D))
+            rows_f = (q_f, k_f, v_f)
+            _attend_rounds(
+                bufs, kernels, layout, rows_f, src_g, codes[rows], G, o_s, top_s, total_s
+            )
             # Combine the rounds by their log-sum-exps.
-            lse_s = top_s + total_s.log()
-            w_u = torch.softmax(lse_s.index_select(0, undo).view(G, R, Lp), dim=1)
+            w_u = _round_weights(top_s, total_s, undo, G, R, Lp)  # (G, R, Lp)
             scale_all[flat] = w_u.view(-1).new_empty(G * S).index_copy_(0, undo, w_u.view(-1))
             scale_all[flat] /= total_s
-            w = w_u.to(q.dtype)
-            undo = undo.view(G, R, Lp)
             out_g, o_r = out_all[: G * Lp].view(G, Lp, D), o_r_all[: G * Lp]
-            for r in range(R):
-                torch.index_select(o_s, 0, undo[:, r].reshape(-1), out=o_r)
-                if r == 0:
-                    torch.mul(o_r.view(G, Lp, D), w[:, 0, :, None], out=out_g)
-                else:
-                    out_g.addcmul_(o_r.view(G, Lp, D), w[:, r, :, None])
+            _mix_rounds(o_s, w_u.to(q.dtype), undo, out_g, o_r)
             out.view(-1, D).index_copy_(0, rows_g, out_g.view(-1, D))
         out = out.transpose(1, 2)
         ctx.save_for_backward(q, k, v, codes, src, top_all, scale_all, out)
@@ -316,6 +308,66 @@ class _LSHCore(torch.autograd.Function):
                         grad.index_add_(0, src_g[lo:hi], buf[at : at + hi - lo])
         dq, dk, dv = (x.view(B, Lp, H, D).transpose(1, 2) for x in (dq, dk, dv))
         return dq, dk, dv, None, None, None, None
+
+
+def _attend_rounds(
+    bufs: _SliceBuffers,
+    kernels: tuple[bool, bool],
+    layout: Layout,
+    rows_f: tuple[Tensor, Tensor, Tensor],
+    src_g: Tensor,
+    codes_g: Tensor,
+    G: int,
+    o_s: Tensor,
+    top_s: Tensor,
+    total_s: Tensor,
+) -> None:
+    """Each round's attention within the sorted chunks of a group of G heads, slice by slice.
+
+    rows_f: q, k, v as rows (B * Lp * H, D); src_g (G * S,): the row each sorted slot reads;
+    codes_g (G * R * N, C, W). Writes, per sorted slot, its round's output o_s (G * S, D),
+    its row maximum top_s and its normaliser total_s (both (G * S,)).
+    """
+    q_f, k_f, v_f = rows_f
+    C, W, D = layout.chunk_len, layout.width, q_f.shape[-1]
+    RN = codes_g.shape[0] // G  # chunk rows per head: R * N
+    for sl in _row_slices(G, RN, C * W, layout.wrap):
+        m, a = sl.stop - sl.start, sl.start * C
+        n = m * C
+        back = _wrapped(src_g, sl, RN, RN * C, C, layout.wrap)
+        qt, kw, vw = bufs.gather(q_f, k_f, v_f, src_g, a, m, back)
+        s = bufs.scores(0, qt, kw)
+        p = tiles.run(
+            *kernels,
+            "forward",
+            s,
+            codes_g[sl],
+            layout.before * C,
+            top_s[a : a + n].view(m, C),
+            total_s[a : a + n].view(m, C),
+        )
+        torch.bmm(p.to(v_f.dtype), vw, out=o_s[a : a + n].view(m, C, D))
+
+
+def _round_weights(top_s: Tensor, total_s: Tensor, undo: Tensor, G: int, R: int, Lp: int) -> Tensor:
+    """(G, R, Lp): each position's weight of round r, the softmax over the rounds of their
+    log-sum-exps; top_s, total_s (G * S,) per sorted slot, undo (G * S,) slot of each
+    (head, round, position)."""
+    lse_s = top_s + total_s.log()
+    return torch.softmax(lse_s.index_select(0, undo).view(G, R, Lp), dim=1)
+
+
+def _mix_rounds(o_s: Tensor, w: Tensor, undo: Tensor, out_g: Tensor, o_r: Tensor) -> None:
+    """out_g (G, Lp, D) = sum over r of w[:, r] times round r's output at each position;
+    o_s (G * S, D) per sorted slot, w (G, R, Lp), o_r a (G * Lp, D) scratch buffer."""
+    G, R, Lp = w.shape
+    undo = undo.view(G, R, Lp)
+    for r in range(R):
+        torch.index_select(o_s, 0, undo[:, r].reshape(-1), out=o_r)
+        if r == 0:
+            torch.mul(o_r.view(G, Lp, -1), w[:, 0, :, None], out=out_g)
+        else:
+            out_g.addcmul_(o_r.view(G, Lp, -1), w[:, r, :, None])
 
 
 class _SliceBuffers:
