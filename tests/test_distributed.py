@@ -4,9 +4,11 @@ restart the group, which resumes from the newest checkpoint."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,20 +45,31 @@ def torchrun(
     max_restarts: int = 0,
     env: dict[str, str] | None = None,
     crash_at: int | None = None,
+    status: int = 0,
 ) -> subprocess.CompletedProcess:
-    """`reformer ARGS` under torchrun; crash_at: through tests/crash_run.py, whose trainer
-    callback kills rank 1 after that many steps on the first attempt."""
+    """`reformer ARGS` under torchrun, expecting exit `status`; crash_at: through
+    tests/crash_run.py, whose trainer callback kills (or signals) rank 1 after that many
+    steps on the first attempt."""
+    proc = subprocess.run(
+        torchrun_command(args, nproc, max_restarts, crash_at),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=os.environ | (env or {}),
+    )
+    assert proc.returncode == status, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def torchrun_command(
+    args: list[str], nproc: int = 2, max_restarts: int = 0, crash_at: int | None = None
+) -> list[str]:
     target = ["-m", "reformer"] if crash_at is None else [CRASH_RUN, str(crash_at)]
-    cmd = [
+    return [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
         "--master-port", str(_free_port()), "--max-restarts", str(max_restarts),
         *target, *args,
     ]  # fmt: skip
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=240, env=os.environ | (env or {})
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
 
 
 def _records(run: Path) -> tuple[dict[int, dict], dict[int, dict]]:
@@ -122,6 +135,46 @@ def test_killed_rank_restarts_and_resumes_from_newest_checkpoint(one_process, tm
     )
     assert "crash callback: rank 1 exits at step 7" in proc.stdout
     assert "from step 5 (step-00000005)" in proc.stdout  # resumed without --resume
+    assert_same_curves(one_process(1), out)
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_one_step(one_process, tmp_path):
+    """SIGTERM reaches rank 1 alone as step 8 starts: both ranks finish step 8 and stop,
+    rank 0 saves it (not a checkpoint step), and --resume gives one process's curves."""
+    out = tmp_path / "run"
+    args = [*RUN, "--batch-size", str(PER_RANK), "--out", str(out)]
+    proc = torchrun(args, crash_at=7, env={"CRASH_SIGNAL": "TERM"}, status=1)
+    assert "rank 1 gets SIGTERM at step 7" in proc.stdout
+    assert proc.stderr.count("reformer train: stopped by SIGTERM after step 8") == 1
+    assert "Traceback" not in proc.stderr.split("torch.distributed.elastic")[0]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step-00000005",
+        "step-00000008",
+    ]
+    torchrun([*args, "--resume"])
+    assert_same_curves(one_process(1), out)
+
+
+def test_sigterm_to_torchrun_stops_the_ranks_with_a_checkpoint(one_process, tmp_path):
+    """The agent passes its SIGTERM to every worker (as on pre-emption): the ranks agree on
+    a step, rank 0 saves it, and the run resumes to one process's curves."""
+    out = tmp_path / "run"
+    args = [*RUN, "--batch-size", str(PER_RANK), "--out", str(out)]
+    agent = subprocess.Popen(
+        torchrun_command(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 180
+    while time.time() < deadline and agent.poll() is None:
+        if (out / "checkpoints" / "step-00000005").exists():
+            break
+        time.sleep(0.05)
+    agent.send_signal(signal.SIGTERM)
+    _, err = agent.communicate(timeout=120)
+    step = max(_records(out)[0])
+    assert step < STEPS, "the run finished before it could be stopped"
+    assert f"stopped by SIGTERM after step {step}: saved" in err
+    assert (out / "checkpoints" / f"step-{step:08d}").is_dir()
+    torchrun([*args, "--resume"])
     assert_same_curves(one_process(1), out)
 
 

@@ -332,13 +332,11 @@ class Trainer:
         return float(norm)
 
     # --- after the step ------------------------------------------------------------------
-    def _boundary(self, loop: _Loop, every: int) -> bool:
-        """Whether this step is an `every` step, the last one, or one the loop stops after."""
-        return (
-            (bool(every) and loop.step % every == 0)
-            or loop.step == self.cfg.steps
-            or loop.stop is not None
-        )
+    def _boundary(self, loop: _Loop, every: int, on_signal: bool = True) -> bool:
+        """Whether this step is an `every` step, the last one, or one the loop stops after
+        (after a signal only `on_signal`)."""
+        stops = loop.stop is not None and (on_signal or loop.stop != "signal")
+        return (bool(every) and loop.step % every == 0) or loop.step == self.cfg.steps or stops
 
     def _log(self, loop: _Loop) -> None:
         if self.rank != 0 or not self.cfg.log_every or not self._boundary(loop, self.cfg.log_every):
@@ -357,11 +355,10 @@ class Trainer:
 
     def _evaluate(self, loop: _Loop) -> None:
         """Rank 0 evaluates alone (the others wait at the save's barrier); under FSDP every
-        rank first takes part in gathering the full weights. A signal skips it: the
-        cluster's grace period is for the checkpoint."""
-        if not self.cfg.eval_every or loop.stop == "signal":
-            return
-        if not self._boundary(loop, self.cfg.eval_every):
+        rank first takes part in gathering the full weights. A signal adds no evaluation of
+        its own (the cluster's grace period is for the checkpoint), so the resumed run's
+        evaluations fall on the steps of an uninterrupted run's."""
+        if not self.cfg.eval_every or not self._boundary(loop, self.cfg.eval_every, False):
             return
         fsdp = self.launched and self.cfg.parallel == "fsdp"
         if fsdp:
