@@ -180,6 +180,22 @@ class Tokenizer:
         Raises:
             ValueError: bad argument, no non-empty text, or ``vocab_size`` too large for it.
         """
+        cls._check_train_args(vocab_size, model_type, character_coverage)
+        sentences = [t for t in texts if t.strip()]  # sentencepiece skips empty ones anyway
+        if not sentences:
+            raise ValueError("no non-empty sentences to train the tokenizer on")
+        out = Path(path).expanduser()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Nothing below samples (input_sentence_size=0 keeps all, no shuffle); the seed is set
+        # so that any sentencepiece randomness is pinned too.
+        spm.set_random_generator_seed(int(seed))
+        model = cls._train_model(sentences, vocab_size, model_type, character_coverage)
+        atomic_write(out, model)
+        return cls.load(out)
+
+    @classmethod
+    def _check_train_args(cls, vocab_size: int, model_type: str, character_coverage: float) -> None:
+        """Raise ValueError for a vocabulary size, model type or coverage `train` refuses."""
         check_positive("vocab_size", vocab_size)
         if vocab_size <= cls.UNK_ID + 1:
             raise ValueError(f"vocab_size must be > 4 (the 4 special tokens), got {vocab_size}")
@@ -189,14 +205,13 @@ class Tokenizer:
             )
         if not 0.0 < character_coverage <= 1.0:
             raise ValueError(f"character_coverage must be in (0, 1], got {character_coverage!r}")
-        sentences = [t for t in texts if t.strip()]  # sentencepiece skips empty ones anyway
-        if not sentences:
-            raise ValueError("no non-empty sentences to train the tokenizer on")
-        out = Path(path).expanduser()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        # Nothing below samples (input_sentence_size=0 keeps all, no shuffle); the seed is set
-        # so that any sentencepiece randomness is pinned too.
-        spm.set_random_generator_seed(int(seed))
+
+    @classmethod
+    def _train_model(
+        cls, sentences: list[str], vocab_size: int, model_type: str, character_coverage: float
+    ) -> bytes:
+        """The serialised sentencepiece model trained on `sentences` with the special ids,
+        every sentence in order, one thread; a vocabulary too large for them is a ValueError."""
         model = io.BytesIO()
         try:
             spm.SentencePieceTrainer.train(
@@ -222,8 +237,7 @@ class Tokenizer:
                     f"({e}); choose a smaller vocab_size"
                 ) from e
             raise
-        atomic_write(out, model.getvalue())
-        return cls.load(out)
+        return model.getvalue()
 
     @classmethod
     def load(cls, path: PathLike) -> Tokenizer:
