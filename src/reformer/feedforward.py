@@ -3,7 +3,8 @@
 The feed-forward layer's (B, L, d_ff) intermediate and the (B, L, vocab) logits are never
 held whole: each chunk is computed, used and freed; under autograd each chunk is
 checkpointed, so the backward pass recomputes one chunk at a time as well. The result and
-gradients are those of the unchunked computation (tests/test_chunking.py).
+gradients are those of the unchunked computation
+(tests/test_model.py::test_chunked_ff_and_loss_equal_unchunked).
 """
 
 from __future__ import annotations

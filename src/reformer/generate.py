@@ -119,7 +119,8 @@ def _generate_uncached(
 
 
 def __getattr__(name: str):
-    # Moved by the one-forward-path redesign; the old names keep working.
+    # Deprecated aliases: decoding lives on ReformerLM.decode and reformer.model.DecodeCache;
+    # code that imports these names from here keeps working, with a DeprecationWarning.
     if name in ("decode", "DecodeCache"):
         import warnings
 

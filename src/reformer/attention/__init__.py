@@ -1,4 +1,4 @@
-"""One attention interface, `Attention`, with the kinds behind it (DESIGN.md section 2).
+"""One attention interface, `Attention`, with the kinds behind it: "lsh", "full", "local".
 
 Layering: core functions on (B, H, L, D) tensors (`lsh_attention`, `local_attention`,
 `full_attention`) -> the `Attention` module (projections, heads, hash rotations) -> blocks.

@@ -1,4 +1,4 @@
-"""LSH hashing (DESIGN.md section 2, step 1): bucket counts, random rotations, angular hashes.
+"""LSH hashing (Kitaev et al. 2020, sec. 2): bucket counts, random rotations, angular hashes.
 
 Legend: B batch, H heads, L length, D head dim, R hash rounds, K buckets (K_f per factor).
 """
