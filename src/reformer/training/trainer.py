@@ -425,7 +425,7 @@ class Trainer:
     def _resume_command(self, loop: _Loop) -> str:
         cmd = f"reformer train --config {loop.out / 'config.yaml'} --resume"
         if self.launched:
-            cmd = f"torchrun --nproc-per-node {self.world_size} -m {cmd.removeprefix('reformer ')}"
+            cmd = f"torchrun --nproc-per-node {self.world_size} -m {cmd}"
         return cmd
 
     @contextlib.contextmanager
