@@ -293,8 +293,7 @@ def load_checkpoint(
     optimizer/scheduler match what was saved.
 
     Args:
-        path: A checkpoint directory, or a run directory (its latest complete
-            checkpoint is used).
+        path: A checkpoint directory, or a run directory (its newest complete one).
         model: Module to load weights into; must have exactly the saved keys/shapes.
         optimizer: Optional optimizer to restore; it must be of the saved class with
             the same parameter-group layout.
@@ -317,43 +316,12 @@ def load_checkpoint(
     meta = _read_meta(ckpt)
     for fname in meta["files"]:
         _verify_file(ckpt, fname, meta["files"][fname])
-
-    device = str(map_location) if isinstance(map_location, torch.device) else map_location
-
-    # ---- read and validate everything before mutating anything -----------------
-    model_sd = _read_tensors(ckpt / MODEL_FILE, device)
-    if fresh:
-        own = model.state_dict()
-
-        def is_fresh(key: str) -> bool:
-            return any(key == f or key.startswith(f + ".") for f in fresh)
-
-        model_sd = {k: v for k, v in model_sd.items() if not is_fresh(k)}
-        model_sd |= {k: v for k, v in own.items() if is_fresh(k)}
-    _check_model_compat(ckpt, model, model_sd)
-
-    opt_sd: dict[str, Any] | None = None
-    if optimizer is not None:
-        opt_sd = _read_structured(
-            ckpt, meta, OPTIMIZER_JSON_FILE, OPTIMIZER_TENSORS_FILE, "cpu", "optimizer"
-        )
-        _check_optimizer_compat(ckpt, meta, optimizer, opt_sd)
-
-    sched_sd: dict[str, Any] | None = None
-    if scheduler is not None:
-        sched_sd = _read_structured(
-            ckpt, meta, SCHEDULER_JSON_FILE, SCHEDULER_TENSORS_FILE, "cpu", "scheduler"
-        )
-        check_saved_class(ckpt, meta, "scheduler", scheduler, "to skip restoring it")
-
-    rng: dict[str, Any] | None = None
-    if restore_rng and RNG_JSON_FILE in meta["files"]:
-        rng = _read_structured(ckpt, meta, RNG_JSON_FILE, RNG_TENSORS_FILE, "cpu", "rng")
-
+    # Read and validate everything before mutating anything.
+    model_sd = _model_state(ckpt, model, str(map_location), fresh)
+    opt_sd, sched_sd, rng = _training_states(ckpt, meta, optimizer, scheduler, restore_rng)
     state = _read_json(ckpt / STATE_FILE) if STATE_FILE in meta["files"] else {}
     config = _read_json(ckpt / CONFIG_FILE) if CONFIG_FILE in meta["files"] else {}
-
-    # ---- apply -------------------------------------------------------------------
+    # Apply.
     model.load_state_dict(model_sd, strict=True)
     if optimizer is not None and opt_sd is not None:
         try:
@@ -367,8 +335,50 @@ def load_checkpoint(
         scheduler.load_state_dict(sched_sd)
     if rng is not None:
         _restore_rng(rng)
-
     return LoadedCheckpoint(step=int(meta["step"]), state=state, config=config, path=ckpt)
+
+
+def _training_states(
+    ckpt: Path,
+    meta: dict[str, Any],
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: LRScheduler | None,
+    restore_rng: bool,
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None, dict[str, Any] | None]:
+    """The saved optimizer, scheduler and RNG states asked for (None where not), each
+    checked against the object it is for."""
+    opt_sd = sched_sd = rng = None
+    if optimizer is not None:
+        opt_sd = _read_structured(
+            ckpt, meta, OPTIMIZER_JSON_FILE, OPTIMIZER_TENSORS_FILE, "cpu", "optimizer"
+        )
+        _check_optimizer_compat(ckpt, meta, optimizer, opt_sd)
+    if scheduler is not None:
+        sched_sd = _read_structured(
+            ckpt, meta, SCHEDULER_JSON_FILE, SCHEDULER_TENSORS_FILE, "cpu", "scheduler"
+        )
+        check_saved_class(ckpt, meta, "scheduler", scheduler, "to skip restoring it")
+    if restore_rng and RNG_JSON_FILE in meta["files"]:
+        rng = _read_structured(ckpt, meta, RNG_JSON_FILE, RNG_TENSORS_FILE, "cpu", "rng")
+    return opt_sd, sched_sd, rng
+
+
+def _model_state(
+    ckpt: Path, model: nn.Module, device: str, fresh: tuple[str, ...]
+) -> dict[str, torch.Tensor]:
+    """The saved weights, checked against `model` (strict keys and shapes); the submodules
+    named in `fresh` keep the model's own values."""
+    model_sd = _read_tensors(ckpt / MODEL_FILE, device)
+    if fresh:
+        own = model.state_dict()
+
+        def is_fresh(key: str) -> bool:
+            return any(key == f or key.startswith(f + ".") for f in fresh)
+
+        model_sd = {k: v for k, v in model_sd.items() if not is_fresh(k)}
+        model_sd |= {k: v for k, v in own.items() if is_fresh(k)}
+    _check_model_compat(ckpt, model, model_sd)
+    return model_sd
 
 
 def read_checkpoint_config(path: Path | str) -> dict[str, Any]:
