@@ -4,8 +4,12 @@ LSH attention (with a strictly causal `window` mode), reversible residual layers
 chunked feed-forward layers and loss, in plain PyTorch.
 """
 
-from .config import ReformerConfig
-from .model import ReformerLM
+from .reproducible import pin_math_libraries
+
+pin_math_libraries()  # before anything calls oneMKL (reproducible.py says why)
+
+from .config import ReformerConfig  # noqa: E402
+from .model import ReformerLM  # noqa: E402
 
 __all__ = ["ReformerConfig", "ReformerLM"]
 __version__ = "0.1.0"
