@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from ..checkpoint import (
     latest_checkpoint,
     load_checkpoint,
+    read_checkpoint_config,
     save_checkpoint,
 )
 from ..distributed import (
@@ -65,6 +66,7 @@ from .common import (
     resolve_device,
 )
 from .interrupt import RunStopped, StopSignals
+from .precision import resolve_precision
 from .progress import Progress
 from .recipe import Recipe
 from .resume import check_resume_state, pick_checkpoint
@@ -203,6 +205,7 @@ class Trainer:
         metrics = MetricsLog(
             out / "metrics.jsonl", out / "tensorboard" if cfg.tensorboard else None
         )
+        self._settle_precision(out)
         resolved = config_to_dict(cfg)
         ckpt = pick_checkpoint(out, cfg.resume, resolved, self.recipe, rank)
         self.recipe.prepare(out)
@@ -234,6 +237,31 @@ class Trainer:
         return _Loop(
             out, resolved, metrics, model, opt, sched, wrapped, start, progress, saved=ckpt
         )
+
+    def _settle_precision(self, out: Path) -> None:
+        """--precision auto becomes fp32 or bf16 before the config is saved: a resumed run
+        keeps its own, a fresh one takes bf16 where the device multiplies bf16 natively. An
+        explicit precision other than the resumed run's is refused."""
+        cfg = self.cfg
+        saved = None
+        if cfg.resume:
+            ckpt = latest_checkpoint(out) if self.rank == 0 and out.exists() else None
+            saved = broadcast_object(
+                read_checkpoint_config(ckpt).get("precision") if ckpt else None
+            )
+        if cfg.precision == "auto":
+            if saved is not None:
+                cfg.precision, why = saved, "the precision the run was trained in"
+            else:
+                cfg.precision, why = resolve_precision("auto", self.device)
+            if self.rank == 0:
+                print(f"precision auto: {cfg.precision} ({why})", flush=True)
+        elif saved is not None and saved != cfg.precision:
+            raise ValueError(
+                f"--resume: {out} was trained with --precision {saved}, not {cfg.precision}; "
+                f"resume with --precision {saved} (or auto, which follows the run), or start "
+                "a new --out"
+            )
 
     def _optimizer(self, model: nn.Module) -> tuple[Any, Any]:
         cfg = self.cfg
