@@ -311,7 +311,7 @@ def test_resume_compares_old_configs_with_new_fields_at_their_defaults():
 
     resolved = config_to_dict(TrainConfig())
     old = json.loads(json.dumps(resolved))
-    del old["model"]["local_wrap"], old["encoder"]
+    del old["model"]["compat"]["local_wrap"], old["encoder"]
     assert _with_defaults(old)["model"] == resolved["model"]
     old["model"]["d_model"] = 64
     assert _with_defaults(old)["model"]["d_model"] == 64 != resolved["model"]["d_model"]

@@ -2,52 +2,39 @@
 
 A bad value raises at construction, naming the field, the value and what is allowed
 (`ValueError` for a bad value, `TypeError` for a bad type), never later as a shape error
-from deep inside a layer.
+from deep inside a layer. Types and choices are checked against the annotations by
+`validate.py`, as the run configs are; the checks between fields are grouped below.
+
+The switches that reproduce transformers' Reformer sit in one section, `compat`
+(`HFCompat`). Configs written before the section, with those keys flat among the others,
+still load: `from_dict` (and `run_config.config_from_dict`) moves flat keys into `compat`,
+and `ReformerConfig(local_wrap=True)` and `cfg.local_wrap` still work.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+import re
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from typing import Any, Literal, get_args
 
-ATTENTION_KINDS = ("lsh", "full", "local")
-LSH_MODES = ("window", "chunk")
-LSH_KERNELS = ("auto", "eager", "compiled")
-POS_EMBS = ("axial", "absolute", "none")
-FF_ACTIVATIONS = ("gelu", "relu")
-KEY_NORMS = ("l2", "rms")
+from .validate import at_least, check_annotations, within
+
+AttentionKind = Literal["lsh", "full", "local"]
+LshKernel = Literal["auto", "eager", "compiled"]
+ATTENTION_KINDS: tuple[str, ...] = get_args(AttentionKind)
+LSH_KERNELS: tuple[str, ...] = get_args(LshKernel)
 MAX_HASHES = 64  # LSH pair codes are int8 (attention/lsh.py)
 
 
-def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        allowed = "an int or None" if optional else "an int"
-        raise TypeError(f"ReformerConfig.{name} must be {allowed}; got {value!r}")
-    if value < minimum:
-        raise ValueError(f"ReformerConfig.{name} must be >= {minimum}; got {value}")
-
-
-def _check_bool(name: str, value: Any, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if not isinstance(value, bool):
-        raise TypeError(f"ReformerConfig.{name} must be True or False; got {value!r}")
-
-
-def _int_tuple(name: str, value: Any) -> tuple[int, ...] | None:
+def _positive_tuple(name: str, value: tuple[int, ...] | list[int] | None) -> tuple[int, ...] | None:
+    """A list or tuple of ints (its type already checked) as a non-empty tuple of ints >= 1."""
     if value is None:
         return None
-    if isinstance(value, int) or not all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    ):
-        raise TypeError(f"ReformerConfig.{name} must be a sequence of ints; got {value!r}")
-    out = tuple(value)
-    if not out or min(out) < 1:
-        raise ValueError(f"ReformerConfig.{name} must hold positive ints; got {value!r}")
-    return out
+    if not value or min(value) < 1:
+        raise ValueError(f"{name} must hold positive ints; got {value!r}")
+    return tuple(value)
 
 
 def default_axial_shape(max_seq_len: int) -> tuple[int, int]:
@@ -57,12 +44,119 @@ def default_axial_shape(max_seq_len: int) -> tuple[int, int]:
 
 
 @dataclass
+class HFCompat:
+    """Switches that reproduce transformers' (and trax's) Reformer, for checkpoints trained there.
+
+    Each switch reproduces one behaviour of transformers' Reformer where this library's
+    default differs; `reformer.interop.from_transformers` sets them all when it imports a
+    checkpoint, and `to_transformers` refuses a model whose switches transformers cannot
+    represent (docs/interop.md tables them). The defaults are this library's choices.
+    """
+
+    ff_activation: Literal["gelu", "relu"] = "gelu"
+    """Feed-forward nonlinearity: 'gelu' (exact, erf) or 'relu' (both released checkpoints)."""
+    lsh_chunk_len: int | None = None
+    """Chunk length of the LSH layers; None: chunk_len."""
+    local_chunk_len: int | None = None
+    """Chunk length of the local layers; None: chunk_len (the enwik8 model: LSH 256, local 128)."""
+    bucket_factors: tuple[int, ...] | None = None
+    """Explicit LSH bucket factors in transformers' order (the first factor least significant
+    in the bucket id), hashed with one rotation tensor of width sum(factors) / 2 sliced per
+    factor, as transformers draws it; (512,) is an unfactorised 512. Needs n_buckets=None.
+    None: n_buckets (or the automatic rule), factorised above 128 buckets."""
+    lsh_wrap: bool = False
+    """LSH look-back wraps around (transformers, trax): the first sorted chunk of each round
+    sees the last chunk of the previous round (round 0: of the last round). Needs
+    lsh_mode='chunk' and lsh_dedup=False. False: a round's first chunk has no look-back."""
+    local_wrap: bool = False
+    """Encoders' local attention wraps around the sequence's ends (transformers' encoders:
+    the first chunk's look-back is the last chunk), padded to pad_multiple like LSH. Needs
+    causal=False. False: chunks past the ends are masked."""
+    lsh_dedup: bool = True
+    """Duplicate correction: each LSH score minus log N_ij (N_ij the rounds whose candidate
+    set holds j), which makes the rounds' combination exactly softmax over their union.
+    False: rounds weighted by their log-sum-exps only (transformers, trax)."""
+    key_norm: Literal["l2", "rms"] = "l2"
+    """Shared-QK keys: 'l2' (qk / max(|qk|, 1e-6)) or 'rms' (transformers: qk *
+    rsqrt(mean(qk^2) + 1e-6) / sqrt(head_dim), about 1e-8 apart)."""
+    attn_out_bias: bool = True
+    """Bias in the attention output projection (transformers' has none)."""
+    hash_seed: int | None = None
+    """LSH rotations drawn on every call from a generator seeded with this, in the model's
+    dtype, as transformers draws them when its config sets hash_seed (every layer and call
+    then hashes alike). None: fresh rotations per call and layer from the layer's seed."""
+    pad_multiple: int | None = None
+    """LSH layers pad each sequence with masked positions to a multiple of this (a multiple
+    of the LSH chunk length). None: the LSH chunk length. transformers pads to the least
+    common multiple of its chunk lengths, which changes what a wrapped look-back sees."""
+
+    def __post_init__(self) -> None:
+        prefix = "ReformerConfig.compat."
+        check_annotations(self, prefix)
+        for name, low in (("lsh_chunk_len", 1), ("local_chunk_len", 1), ("pad_multiple", 1)):
+            if getattr(self, name) is not None:
+                at_least(prefix + name, getattr(self, name), low)
+        if self.hash_seed is not None:
+            at_least(prefix + "hash_seed", self.hash_seed, 0)
+        self.bucket_factors = _positive_tuple(prefix + "bucket_factors", self.bucket_factors)
+        if self.bucket_factors is not None and (
+            any(f % 2 for f in self.bucket_factors) or min(self.bucket_factors) < 2
+        ):
+            raise ValueError(
+                f"{prefix}bucket_factors {self.bucket_factors} must be even ints >= 2 (each "
+                "rotation gives +/- halves)"
+            )
+
+
+COMPAT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(HFCompat))
+
+
+def nest_compat(model: dict[str, Any]) -> dict[str, Any]:
+    """A model section (plain data) with the compat switches written flat, as configs saved
+    before the `compat` section hold them, moved into it. A flat key wins over the same key
+    in `compat` (in one mapping, it is the later spelling)."""
+    flat = {k: model[k] for k in COMPAT_FIELDS if k in model}
+    if not flat:
+        return model
+    compat = model.get("compat") or {}
+    compat = asdict(compat) if is_dataclass(compat) else dict(compat)
+    return {k: v for k, v in model.items() if k not in flat} | {"compat": compat | flat}
+
+
+def nest_run_compat(run: dict[str, Any]) -> dict[str, Any]:
+    """A run config (plain data, as a layer of `reformer train`'s) with `nest_compat` applied
+    to its model section. Each layer is nested before the layers merge, so that a higher
+    layer's switch wins whichever way each layer spells it."""
+    model = run.get("model")
+    return run | {"model": nest_compat(model)} if isinstance(model, dict) else run
+
+
+def moved_compat_flag(arg: str) -> str | None:
+    """The command-line flag that replaced `arg` when it is an old flat one for a compat
+    switch (`--model.lsh-wrap`, `--model.no_lsh_wrap`, `--model.key-norm=rms`), else None."""
+    m = re.fullmatch(r"--model\.(no[-_])?([a-z_-]+)(=.*)?", arg)
+    if m is None or m.group(2).replace("-", "_") not in COMPAT_FIELDS:
+        return None
+    return f"--model.compat.{m.group(1) or ''}{m.group(2)}".replace("_", "-")
+
+
+# Lower bounds of the int fields (None, where a field allows it, means "derived").
+_MINIMUM = dict(
+    vocab_size=2, d_model=1, n_heads=1, d_ff=1, n_layers=1, max_seq_len=1, d_head=1,
+    n_hashes=1, chunk_len=1, n_buckets=2, chunks_before=0, chunks_after=0, ff_chunk_len=1,
+    loss_chunk_len=1,
+)  # fmt: skip
+
+
+@dataclass
 class ReformerConfig:
     """Architecture of a Reformer language model, validated at construction.
 
     Attention per layer: `attention` is one kind for every layer ("lsh", "full" or "local")
     or a comma-separated pattern repeated over the layers, e.g. "local,local,lsh,local" (the
     authors' enwik8 model). A list or tuple of kinds is accepted too.
+
+    `compat` holds the switches that reproduce transformers' Reformer (`HFCompat`).
     """
 
     vocab_size: int = 256
@@ -84,9 +178,9 @@ class ReformerConfig:
     """Chunk length m of LSH and local attention (each chunk attends to itself and the previous)."""
     n_buckets: int | None = None
     """Even number of LSH buckets; None: 2 * next_pow2(ceil(L / chunk_len)) for each length L."""
-    lsh_mode: str | None = None
+    lsh_mode: Literal["window", "chunk"] | None = None
     """'window' (strictly causal; default if causal) or 'chunk' (the paper's; default if not)."""
-    lsh_kernel: str = "auto"
+    lsh_kernel: LshKernel = "auto"
     """How LSH runs the elementwise work on its score tiles: 'eager' (plain PyTorch, the
     reference), 'compiled' (torch.compile fuses it; needs a C++ compiler on CPU), or 'auto'
     (compiled for calls of >= 2^18 sorted slots, B * H * n_hashes * L, when a compiler is
@@ -112,122 +206,47 @@ class ReformerConfig:
     E^T + bias (W = 2 d_model when reversible). False: an untied Linear(W, vocab_size).
     A classifier replaces the output layer by its class head, tied or not (so a tied masked
     LM fine-tunes into one)."""
-    pos_emb: str = "axial"
+    pos_emb: Literal["axial", "absolute", "none"] = "axial"
     """'axial' | 'absolute' | 'none'."""
     axial_shape: tuple[int, ...] | None = None
     """Axial position grid (product >= max_seq_len); None: two factors near sqrt(max_seq_len)."""
     axial_dims: tuple[int, ...] | None = None
     """Width of each axial part (sum = d_model); None: d_model split in two halves."""
     layer_norm_eps: float = 1e-6
-    # --- Switches for checkpoints trained elsewhere (transformers' and trax's Reformer); the
-    # defaults are this library's choices. `reformer.interop` sets them when it imports.
-    ff_activation: str = "gelu"
-    """Feed-forward nonlinearity: 'gelu' (exact, erf) or 'relu' (both released checkpoints)."""
-    lsh_chunk_len: int | None = None
-    """Chunk length of the LSH layers; None: chunk_len."""
-    local_chunk_len: int | None = None
-    """Chunk length of the local layers; None: chunk_len (the enwik8 model: LSH 256, local 128)."""
-    bucket_factors: tuple[int, ...] | None = None
-    """Explicit LSH bucket factors in transformers' order (the first factor least significant
-    in the bucket id), hashed with one rotation tensor of width sum(factors) / 2 sliced per
-    factor, as transformers draws it; (512,) is an unfactorised 512. Needs n_buckets=None.
-    None: n_buckets (or the automatic rule), factorised above 128 buckets."""
-    lsh_wrap: bool = False
-    """LSH look-back wraps around (transformers, trax): the first sorted chunk of each round
-    sees the last chunk of the previous round (round 0: of the last round). Needs
-    lsh_mode='chunk' and lsh_dedup=False. False: a round's first chunk has no look-back."""
-    local_wrap: bool = False
-    """Encoders' local attention wraps around the sequence's ends (transformers' encoders:
-    the first chunk's look-back is the last chunk), padded to pad_multiple like LSH. Needs
-    causal=False. False: chunks past the ends are masked."""
-    lsh_dedup: bool = True
-    """Duplicate correction: each LSH score minus log N_ij (N_ij the rounds whose candidate
-    set holds j), which makes the rounds' combination exactly softmax over their union.
-    False: rounds weighted by their log-sum-exps only (transformers, trax)."""
-    key_norm: str = "l2"
-    """Shared-QK keys: 'l2' (qk / max(|qk|, 1e-6)) or 'rms' (transformers: qk *
-    rsqrt(mean(qk^2) + 1e-6) / sqrt(head_dim), about 1e-8 apart)."""
-    attn_out_bias: bool = True
-    """Bias in the attention output projection (transformers' has none)."""
-    hash_seed: int | None = None
-    """LSH rotations drawn on every call from a generator seeded with this, in the model's
-    dtype, as transformers draws them when its config sets hash_seed (every layer and call
-    then hashes alike). None: fresh rotations per call and layer from the layer's seed."""
-    pad_multiple: int | None = None
-    """LSH layers pad each sequence with masked positions to a multiple of this (a multiple
-    of the LSH chunk length). None: the LSH chunk length. transformers pads to the least
-    common multiple of its chunk lengths, which changes what a wrapped look-back sees."""
+    compat: HFCompat = field(default_factory=HFCompat)
+    """Switches for checkpoints trained with transformers' Reformer (`HFCompat`); the
+    defaults are this library's choices, `reformer.interop` sets them when it imports."""
 
     def __post_init__(self) -> None:
         # The order of the checks is the order of the errors a user meets; keep it.
-        self._check_field_types()
-        self._check_interop_switches()
-        self._check_shapes_and_rates()
+        self._normalise_attention()
+        check_annotations(self, "ReformerConfig.")
+        self._check_ranges()
         pattern = self._check_attention_pattern()
-        self._check_lsh_and_windows(pattern)
+        self._check_lsh_and_windows()
+        self._check_compat(pattern)
         self._check_positions()
 
-    def _check_field_types(self) -> None:
-        """Every int field's type and lower bound, and the interop switches' bool types."""
-        _check_int("vocab_size", self.vocab_size, 2)
-        _check_int("d_model", self.d_model, 1)
-        _check_int("n_heads", self.n_heads, 1)
-        _check_int("d_ff", self.d_ff, 1)
-        _check_int("n_layers", self.n_layers, 1)
-        _check_int("max_seq_len", self.max_seq_len, 1)
-        _check_int("d_head", self.d_head, 1, optional=True)
-        _check_int("n_hashes", self.n_hashes, 1)
-        _check_int("chunk_len", self.chunk_len, 1)
-        if self.n_hashes > MAX_HASHES:
-            raise ValueError(
-                f"ReformerConfig.n_hashes must be <= {MAX_HASHES}; got {self.n_hashes}"
+    def _normalise_attention(self) -> None:
+        """A list or tuple of kinds as one comma-separated string; anything else refused."""
+        if isinstance(self.attention, (list, tuple)) and all(
+            isinstance(k, str) for k in self.attention
+        ):
+            self.attention = ",".join(self.attention)
+        if not isinstance(self.attention, str):
+            raise TypeError(
+                f"ReformerConfig.attention must be a kind or a comma-separated pattern of "
+                f"{ATTENTION_KINDS}; got {self.attention!r}"
             )
-        _check_int("n_buckets", self.n_buckets, 2, optional=True)
-        _check_int("ff_chunk_len", self.ff_chunk_len, 1, optional=True)
-        _check_int("loss_chunk_len", self.loss_chunk_len, 1, optional=True)
-        _check_int("lsh_chunk_len", self.lsh_chunk_len, 1, optional=True)
-        _check_int("local_chunk_len", self.local_chunk_len, 1, optional=True)
-        _check_int("hash_seed", self.hash_seed, 0, optional=True)
-        _check_int("pad_multiple", self.pad_multiple, 1, optional=True)
-        _check_int("chunks_before", self.chunks_before, 0, optional=True)
-        _check_int("chunks_after", self.chunks_after, 0, optional=True)
-        _check_bool("lsh_wrap", self.lsh_wrap)
-        _check_bool("lsh_dedup", self.lsh_dedup)
-        _check_bool("local_wrap", self.local_wrap)
-        _check_bool("attn_out_bias", self.attn_out_bias)
-        _check_bool("tie_embeddings", self.tie_embeddings)
 
-    def _check_interop_switches(self) -> None:
-        """The switches for checkpoints trained elsewhere: activation, key norm, bucket factors."""
-        if self.ff_activation not in FF_ACTIVATIONS:
-            raise ValueError(
-                f"ReformerConfig.ff_activation must be one of {FF_ACTIVATIONS}; "
-                f"got {self.ff_activation!r}"
-            )
-        if self.key_norm not in KEY_NORMS:
-            raise ValueError(
-                f"ReformerConfig.key_norm must be one of {KEY_NORMS}; got {self.key_norm!r}"
-            )
-        self.bucket_factors = _int_tuple("bucket_factors", self.bucket_factors)
-        if self.bucket_factors is not None:
-            if self.n_buckets is not None:
-                raise ValueError(
-                    f"ReformerConfig.bucket_factors={self.bucket_factors} and n_buckets="
-                    f"{self.n_buckets} are both set; give one (bucket_factors fixes the count "
-                    "to their product)"
-                )
-            odd = [f for f in self.bucket_factors if f % 2]
-            if odd or min(self.bucket_factors) < 2:
-                raise ValueError(
-                    f"ReformerConfig.bucket_factors {self.bucket_factors} must be even ints "
-                    ">= 2 (each rotation gives +/- halves)"
-                )
-
-    def _check_shapes_and_rates(self) -> None:
-        """Mode flags' types, head split, bucket count parity, dropout, layer-norm epsilon."""
-        _check_bool("causal", self.causal)
-        _check_bool("reversible", self.reversible)
-        _check_bool("shared_qk", self.shared_qk, optional=True)
+    def _check_ranges(self) -> None:
+        """Each number within its range, the head split and the bucket count's parity."""
+        for name, low in _MINIMUM.items():
+            if getattr(self, name) is not None:
+                at_least(f"ReformerConfig.{name}", getattr(self, name), low)
+        within("ReformerConfig.n_hashes", self.n_hashes, 1, MAX_HASHES)
+        within("ReformerConfig.dropout", self.dropout, 0, 1, open_high=True)
+        at_least("ReformerConfig.layer_norm_eps", self.layer_norm_eps, 0, strict=True)
         if self.d_head is None and self.d_model % self.n_heads:
             raise ValueError(
                 f"ReformerConfig.d_model ({self.d_model}) must be divisible by n_heads "
@@ -238,24 +257,9 @@ class ReformerConfig:
                 f"ReformerConfig.n_buckets must be even (each rotation gives +/- halves); "
                 f"got {self.n_buckets}. Use an even number or None for the automatic rule"
             )
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
-            raise TypeError(f"ReformerConfig.dropout must be a float; got {self.dropout!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"ReformerConfig.dropout must be in [0, 1); got {self.dropout}")
-        if not isinstance(self.layer_norm_eps, (int, float)) or self.layer_norm_eps <= 0:
-            raise ValueError(
-                f"ReformerConfig.layer_norm_eps must be a positive float; got {self.layer_norm_eps}"
-            )
 
     def _check_attention_pattern(self) -> tuple[str, ...]:
         """Normalise `attention` to a comma-separated string of known kinds; return the kinds."""
-        if isinstance(self.attention, (list, tuple)):
-            self.attention = ",".join(self.attention)
-        if not isinstance(self.attention, str):
-            raise TypeError(
-                f"ReformerConfig.attention must be a kind or a comma-separated pattern of "
-                f"{ATTENTION_KINDS}; got {self.attention!r}"
-            )
         pattern = tuple(k.strip() for k in self.attention.split(","))
         for kind in pattern:
             if kind not in ATTENTION_KINDS:
@@ -271,18 +275,13 @@ class ReformerConfig:
             )
         return pattern
 
-    def _check_lsh_and_windows(self, pattern: tuple[str, ...]) -> None:
-        """LSH mode, chunk windows, wrap-around, padding and kernel, given the layer kinds."""
-        if self.lsh_mode is not None and self.lsh_mode not in LSH_MODES:
-            raise ValueError(
-                f"ReformerConfig.lsh_mode must be one of {LSH_MODES} or None; got {self.lsh_mode!r}"
-            )
+    def _check_lsh_and_windows(self) -> None:
+        """LSH mode against causality, and the chunk windows a causal model allows."""
         if self.lsh_mode == "window" and not self.causal:
             raise ValueError(
                 "ReformerConfig.lsh_mode='window' is the strictly causal mode and needs "
                 "causal=True; non-causal models use lsh_mode='chunk'"
             )
-
         if self.causal and self.resolved_chunks != (1, 0):
             raise ValueError(
                 f"ReformerConfig.chunks_before={self.chunks_before} and chunks_after="
@@ -290,61 +289,60 @@ class ReformerConfig:
                 "before it (the window mode and the decode cache rely on it); wider windows "
                 "are for encoders (causal=False). Leave both None"
             )
-        if self.local_wrap and self.causal:
+
+    def _check_compat(self, pattern: tuple[str, ...]) -> None:
+        """The transformers switches against the rest: buckets, wrap-arounds, padding."""
+        c = self.compat
+        if c.bucket_factors is not None and self.n_buckets is not None:
             raise ValueError(
-                "ReformerConfig.local_wrap=True needs causal=False: in a causal model the "
-                "wrapped chunk lies in the future and is masked anyway"
+                f"ReformerConfig.compat.bucket_factors={c.bucket_factors} and n_buckets="
+                f"{self.n_buckets} are both set; give one (bucket_factors fixes the count "
+                "to their product)"
             )
-        if self.lsh_wrap and "lsh" in pattern and self.resolved_chunks != (1, 0):
+        if c.local_wrap and self.causal:
             raise ValueError(
-                f"ReformerConfig.lsh_wrap=True needs chunks_before=1 and chunks_after=0 (got "
-                f"{self.resolved_chunks}): the wrap is transformers' one-chunk look-back"
+                "ReformerConfig.compat.local_wrap=True needs causal=False: in a causal model "
+                "the wrapped chunk lies in the future and is masked anyway"
             )
-        if self.lsh_wrap and (self.resolved_lsh_mode != "chunk" or self.lsh_dedup):
+        if c.lsh_wrap and "lsh" in pattern and self.resolved_chunks != (1, 0):
             raise ValueError(
-                "ReformerConfig.lsh_wrap=True needs lsh_mode='chunk' and lsh_dedup=False "
-                f"(got lsh_mode={self.resolved_lsh_mode!r}, lsh_dedup={self.lsh_dedup}): the "
+                f"ReformerConfig.compat.lsh_wrap=True needs chunks_before=1 and chunks_after=0 "
+                f"(got {self.resolved_chunks}): the wrap is transformers' one-chunk look-back"
+            )
+        if c.lsh_wrap and (self.resolved_lsh_mode != "chunk" or c.lsh_dedup):
+            raise ValueError(
+                "ReformerConfig.compat.lsh_wrap=True needs lsh_mode='chunk' and lsh_dedup=False "
+                f"(got lsh_mode={self.resolved_lsh_mode!r}, lsh_dedup={c.lsh_dedup}): the "
                 "wrap belongs to the chunk layout, and through it a key can sit in a query's "
                 "window twice, so N_ij no longer counts rounds"
             )
-        if self.pad_multiple is not None and self.pad_multiple % self.chunk_len_for("lsh"):
+        if c.pad_multiple is not None and c.pad_multiple % self.chunk_len_for("lsh"):
             raise ValueError(
-                f"ReformerConfig.pad_multiple={self.pad_multiple} must be a multiple of the "
-                f"LSH chunk length {self.chunk_len_for('lsh')}"
-            )
-
-        if self.lsh_kernel not in LSH_KERNELS:
-            raise ValueError(
-                f"ReformerConfig.lsh_kernel must be one of {LSH_KERNELS}; got {self.lsh_kernel!r}"
+                f"ReformerConfig.compat.pad_multiple={c.pad_multiple} must be a multiple of "
+                f"the LSH chunk length {self.chunk_len_for('lsh')}"
             )
 
     def _check_positions(self) -> None:
-        """Position embedding kind and, for axial, a grid that covers max_seq_len and d_model."""
-        if self.pos_emb not in POS_EMBS:
+        """For axial position embeddings, a grid that covers max_seq_len and d_model."""
+        self.axial_shape = _positive_tuple("ReformerConfig.axial_shape", self.axial_shape)
+        self.axial_dims = _positive_tuple("ReformerConfig.axial_dims", self.axial_dims)
+        if self.pos_emb != "axial":
+            return
+        shape, dims = self.resolved_axial_shape, self.resolved_axial_dims
+        if math.prod(shape) < self.max_seq_len:
             raise ValueError(
-                f"ReformerConfig.pos_emb must be one of {POS_EMBS}; got {self.pos_emb!r}"
+                f"ReformerConfig.axial_shape {shape} covers {math.prod(shape)} positions, "
+                f"fewer than max_seq_len={self.max_seq_len}; its product must be >= it"
             )
-        self.axial_shape = _int_tuple("axial_shape", self.axial_shape)
-        self.axial_dims = _int_tuple("axial_dims", self.axial_dims)
-        if self.pos_emb == "axial":
-            shape = self.axial_shape or default_axial_shape(self.max_seq_len)
-            if math.prod(shape) < self.max_seq_len:
-                raise ValueError(
-                    f"ReformerConfig.axial_shape {shape} covers {math.prod(shape)} positions, "
-                    f"fewer than max_seq_len={self.max_seq_len}; its product must be >= it"
-                )
-            dims = self.axial_dims or (self.d_model // 2, self.d_model - self.d_model // 2)
-            if len(dims) != len(shape):
-                raise ValueError(
-                    f"ReformerConfig.axial_dims {dims} must have one width per axis of "
-                    f"axial_shape {shape}"
-                )
-            if sum(dims) != self.d_model:
-                raise ValueError(
-                    f"ReformerConfig.axial_dims {dims} must sum to d_model={self.d_model}"
-                )
-            if min(dims) < 1:
-                raise ValueError(f"ReformerConfig.axial_dims {dims} must be positive")
+        if len(dims) != len(shape):
+            raise ValueError(
+                f"ReformerConfig.axial_dims {dims} must have one width per axis of "
+                f"axial_shape {shape}"
+            )
+        if sum(dims) != self.d_model:
+            raise ValueError(f"ReformerConfig.axial_dims {dims} must sum to d_model={self.d_model}")
+        if min(dims) < 1:
+            raise ValueError(f"ReformerConfig.axial_dims {dims} must be positive")
 
     # Derived values -------------------------------------------------------------------
     @property
@@ -353,7 +351,7 @@ class ReformerConfig:
 
     def chunk_len_for(self, kind: str) -> int:
         """The chunk length of layers of `kind` ("lsh" or "local"; "full" has none)."""
-        own = {"lsh": self.lsh_chunk_len, "local": self.local_chunk_len}.get(kind)
+        own = {"lsh": self.compat.lsh_chunk_len, "local": self.compat.local_chunk_len}.get(kind)
         return own if own is not None else self.chunk_len
 
     @property
@@ -390,18 +388,60 @@ class ReformerConfig:
         return self.axial_dims or (self.d_model // 2, self.d_model - self.d_model // 2)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        for key in ("axial_shape", "axial_dims", "bucket_factors"):
-            if out[key] is not None:
-                out[key] = list(out[key])
+        """Plain data (lists for tuples), `compat` as a nested mapping."""
+
+        def plain(x: Any) -> Any:
+            return list(x) if isinstance(x, tuple) else x
+
+        out = {k: plain(v) for k, v in asdict(self).items()}
+        out["compat"] = {k: plain(v) for k, v in out["compat"].items()}
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReformerConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown ReformerConfig field(s) {unknown}; known fields: {sorted(known)}"
-            )
+        """From plain data, `compat` nested or its keys flat (configs saved before it);
+        unknown keys are errors."""
+        data = nest_compat(data)
+        _refuse_unknown(cls, data, "ReformerConfig")
+        compat = data.get("compat", {})
+        if isinstance(compat, dict):
+            _refuse_unknown(HFCompat, compat, "ReformerConfig.compat")
+            data = data | {"compat": HFCompat(**compat)}
         return cls(**data)
+
+
+def _refuse_unknown(cls: type, data: dict[str, Any], name: str) -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {name} field(s) {unknown}; known fields: {sorted(known)}")
+
+
+def _accept_flat_compat(init: Any) -> Any:
+    """ReformerConfig's __init__, also taking the compat switches as keywords (as before the
+    section existed): they replace those of `compat` (or of the default HFCompat)."""
+
+    @functools.wraps(init)
+    def __init__(self: ReformerConfig, *args: Any, **kwargs: Any) -> None:
+        flat = {k: kwargs.pop(k) for k in COMPAT_FIELDS if k in kwargs}
+        if flat:
+            kwargs["compat"] = replace(kwargs.get("compat") or HFCompat(), **flat)
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+def _forward_to_compat(name: str) -> property:
+    def get(self: ReformerConfig) -> Any:
+        return getattr(self.compat, name)
+
+    def set_(self: ReformerConfig, value: Any) -> None:
+        setattr(self.compat, name, value)
+
+    return property(get, set_, doc=f"`compat.{name}`, read and set through the section.")
+
+
+# After @dataclass, which wrote the __init__ wrapped here; the properties are no fields.
+ReformerConfig.__init__ = _accept_flat_compat(ReformerConfig.__init__)
+for _name in COMPAT_FIELDS:
+    setattr(ReformerConfig, _name, _forward_to_compat(_name))

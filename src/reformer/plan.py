@@ -390,7 +390,7 @@ def measure_step_fresh(
 def _worker(job: dict) -> dict:
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
-    cfg = ReformerConfig(**job.pop("config"))
+    cfg = ReformerConfig.from_dict(job.pop("config"))
     job.pop("threads", None)
     return {"peak_bytes": measure_step(cfg, **job)}
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .config import ReformerConfig
+from .config import HFCompat, ReformerConfig, nest_compat, nest_run_compat
 from .validate import at_least, check_annotations, within
 
 # The model fields a translation run reads (its encoder-decoder's shared sizes).
@@ -396,8 +396,9 @@ def unused_fields(mode: str) -> Iterator[None]:
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
+    """`over` merged into `base` key by key, either's flat model compat keys nested first."""
+    out = copy.deepcopy(nest_run_compat(base))
+    for key, value in nest_run_compat(over).items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
         else:
@@ -436,19 +437,18 @@ def _strict(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
 def config_from_dict(data: dict[str, Any], where: str = "config") -> TrainConfig:
     """Build a TrainConfig from nested plain data, rejecting unknown keys."""
     data = dict(_strict(TrainConfig, data, where))
-    model = _strict(ReformerConfig, dict(data.pop("model", {}) or {}), f"{where} [model]")
+    model = nest_compat(dict(data.pop("model", {}) or {}))
+    model = _strict(ReformerConfig, model, f"{where} [model]")
+    compat = _strict(HFCompat, dict(model.pop("compat", {}) or {}), f"{where} [model.compat]")
     optim = _strict(OptimConfig, dict(data.pop("optim", {}) or {}), f"{where} [optim]")
     translation = _strict(
         TranslationConfig, dict(data.pop("translation", {}) or {}), f"{where} [translation]"
     )
     encoder = _strict(EncoderConfig, dict(data.pop("encoder", {}) or {}), f"{where} [encoder]")
-    for key in ("axial_shape", "axial_dims"):
-        if isinstance(model.get(key), list):
-            model[key] = tuple(model[key])
     if isinstance(data.get("eval_hashes"), list):
         data["eval_hashes"] = tuple(data["eval_hashes"])
     return TrainConfig(
-        model=ReformerConfig(**model),
+        model=ReformerConfig(**model, compat=HFCompat(**compat)),
         optim=OptimConfig(**optim),
         translation=TranslationConfig(**translation),
         encoder=EncoderConfig(**encoder),
