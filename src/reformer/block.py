@@ -31,7 +31,7 @@ class ReformerBlock(nn.Module):
         self.attn_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.attn = Attention(config, kind)
         self.ff_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.ff = FeedForward(config.d_model, config.d_ff, config.ff_activation)
+        self.ff = FeedForward(config.d_model, config.d_ff, config.compat.ff_activation)
         self.dropout = config.dropout
         self.ff_chunk_len = config.ff_chunk_len
 

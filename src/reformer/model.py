@@ -60,9 +60,9 @@ def not_decodable(config: ReformerConfig | nn.Module) -> str | None:
             "decode needs lsh_mode='window': in 'chunk' mode future tokens move earlier "
             "tokens' chunks, so no cache can reproduce the full forward"
         )
-    if "lsh" in config.layer_kinds and not config.lsh_dedup:
+    if "lsh" in config.layer_kinds and not config.compat.lsh_dedup:
         return (
-            "decode needs lsh_dedup=True: the cache attends to the union of the rounds' "
+            "decode needs compat.lsh_dedup=True: the cache attends to the union of the rounds' "
             "candidates, which is the full forward only with the duplicate correction"
         )
     return None

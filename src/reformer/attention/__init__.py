@@ -52,15 +52,15 @@ class Attention(nn.Module):
         }
         self.n_hashes = config.n_hashes
         self.n_buckets = config.n_buckets
-        self.bucket_factors = config.bucket_factors
+        self.bucket_factors = config.compat.bucket_factors
         self.lsh_mode = config.resolved_lsh_mode
         self.lsh_kernel = config.lsh_kernel
-        self.lsh_wrap = config.lsh_wrap
-        self.lsh_dedup = config.lsh_dedup
-        self.key_norm = config.key_norm
-        self.hash_seed = config.hash_seed
-        self.pad_multiple = config.pad_multiple
-        self.local_wrap = config.local_wrap
+        self.lsh_wrap = config.compat.lsh_wrap
+        self.lsh_dedup = config.compat.lsh_dedup
+        self.key_norm = config.compat.key_norm
+        self.hash_seed = config.compat.hash_seed
+        self.pad_multiple = config.compat.pad_multiple
+        self.local_wrap = config.compat.local_wrap
         self.chunks_before, self.chunks_after = config.resolved_chunks
         self.shared_qk = config.shared_qk_for(kind)
         inner = self.n_heads * self.head_dim
@@ -70,7 +70,7 @@ class Attention(nn.Module):
             self.q = nn.Linear(config.d_model, inner, bias=False)
             self.k = nn.Linear(config.d_model, inner, bias=False)
         self.v = nn.Linear(config.d_model, inner, bias=False)
-        self.out = nn.Linear(inner, config.d_model, bias=config.attn_out_bias)
+        self.out = nn.Linear(inner, config.d_model, bias=config.compat.attn_out_bias)
 
     @property
     def chunk_len(self) -> int:

@@ -1,7 +1,7 @@
 """transformers' Reformer checkpoint format: its config.json fields and weight names.
 
 A `ReformerModelWithLMHead` is this library's reversible causal LM with the switches that
-`ReformerConfig` keeps for checkpoints trained elsewhere set to transformers' semantics:
+`ReformerConfig.compat` keeps for checkpoints trained elsewhere set to transformers' semantics:
 the chunk layout with look-back wrap and no duplicate correction, its key normalisation,
 ReLU (both released checkpoints), no attention output bias, per-kind chunk lengths, explicit
 bucket factors and, when its config sets one, its hash seed. Everything else maps one to one
@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..attention.common import padded_length
 from ..attention.hashing import auto_n_buckets, bucket_factors
-from ..config import ReformerConfig
+from ..config import HFCompat, ReformerConfig
 
 
 class InteropError(ValueError):
@@ -27,10 +27,10 @@ class InteropError(ValueError):
     field and what to do."""
 
 
-# Semantics transformers' Reformer has and this library's defaults do not.
-TRANSFORMERS_SEMANTICS = dict(
-    lsh_mode="chunk", lsh_wrap=True, lsh_dedup=False, key_norm="rms", attn_out_bias=False
-)
+# Semantics transformers' Reformer has and this library's defaults do not: its LSH layout,
+# and the `compat` switches that every import sets (ReformerConfig's keywords, in one dict).
+HF_SWITCHES = dict(lsh_wrap=True, lsh_dedup=False, key_norm="rms", attn_out_bias=False)
+TRANSFORMERS_SEMANTICS = dict(lsh_mode="chunk", **HF_SWITCHES)
 HF_ACTIVATIONS = {"relu": "relu", "gelu": "gelu"}  # transformers' hidden_act -> ours
 
 
@@ -72,21 +72,24 @@ def config_from_hf(hf: dict[str, Any]) -> ReformerConfig:
             attention=",".join(kinds),
             n_hashes=int(hf.get("num_hashes", 1)),
             chunk_len=lsh_c if "lsh" in kinds else local_c,
-            lsh_chunk_len=lsh_c,
-            local_chunk_len=local_c,
-            bucket_factors=factors,
-            hash_seed=hf.get("hash_seed"),
-            pad_multiple=_lcm_pad(set(kinds), lsh_c, local_c),
+            lsh_mode=TRANSFORMERS_SEMANTICS["lsh_mode"],
             causal=causal,
             chunks_before=None if causal else around[0],
             chunks_after=None if causal else around[1],
-            local_wrap=not causal and "local" in kinds,
             reversible=True,
             dropout=float(hf.get("hidden_dropout_prob", 0.05)),  # transformers' default
             layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
-            ff_activation=HF_ACTIVATIONS[act],
             **pos,
-            **TRANSFORMERS_SEMANTICS,
+            compat=HFCompat(
+                ff_activation=HF_ACTIVATIONS[act],
+                lsh_chunk_len=lsh_c,
+                local_chunk_len=local_c,
+                bucket_factors=factors,
+                hash_seed=hf.get("hash_seed"),
+                pad_multiple=_lcm_pad(set(kinds), lsh_c, local_c),
+                local_wrap=not causal and "local" in kinds,
+                **HF_SWITCHES,
+            ),
         )
     except (TypeError, ValueError) as e:
         raise InteropError(f"config.json cannot be represented here: {e}") from e
@@ -184,8 +187,8 @@ def _hf_positions(hf: dict[str, Any]) -> dict[str, Any]:
 def hf_buckets(cfg: ReformerConfig, seq_len: int | None) -> int | list[int]:
     """Our bucket rule -> transformers' num_buckets (an int is never factorised there; a
     list is factors with the first least significant)."""
-    if cfg.bucket_factors is not None:
-        f = list(cfg.bucket_factors)
+    if cfg.compat.bucket_factors is not None:
+        f = list(cfg.compat.bucket_factors)
         return f[0] if len(f) == 1 else f
     K = cfg.n_buckets
     if K is None:
@@ -193,16 +196,16 @@ def hf_buckets(cfg: ReformerConfig, seq_len: int | None) -> int | list[int]:
             raise InteropError(
                 "ReformerConfig.n_buckets is None (chosen from each call's length), which "
                 "transformers cannot represent: pass seq_len (the training length) to fix the "
-                "count the model was trained with, or set n_buckets / bucket_factors"
+                "count the model was trained with, or set n_buckets / compat.bucket_factors"
             )
         C = cfg.chunk_len_for("lsh")
-        K = auto_n_buckets(padded_length(seq_len, cfg.pad_multiple or C), C)
+        K = auto_n_buckets(padded_length(seq_len, cfg.compat.pad_multiple or C), C)
     ours = bucket_factors(K)  # most significant first
-    if len(ours) > 1 and cfg.hash_seed is not None:
+    if len(ours) > 1 and cfg.compat.hash_seed is not None:
         raise InteropError(
             f"ReformerConfig.n_buckets={K} is factorised here as {ours} with one rotation "
-            "tensor per factor, but transformers slices one tensor: with hash_seed set the "
-            f"rotations would differ. Use bucket_factors={tuple(reversed(ours))} and "
+            "tensor per factor, but transformers slices one tensor: with compat.hash_seed set "
+            f"the rotations would differ. Use compat.bucket_factors={tuple(reversed(ours))} and "
             "n_buckets=None instead"
         )
     return ours[0] if len(ours) == 1 else list(reversed(ours))
@@ -226,10 +229,10 @@ def config_to_hf(cfg: ReformerConfig, seq_len: int | None = None) -> dict[str, A
         "num_attention_heads": cfg.n_heads,
         "attention_head_size": cfg.head_dim,
         "feed_forward_size": cfg.d_ff,
-        "hidden_act": cfg.ff_activation,
+        "hidden_act": cfg.compat.ff_activation,
         "max_position_embeddings": cfg.max_seq_len,
         "num_hashes": cfg.n_hashes,
-        "hash_seed": cfg.hash_seed,
+        "hash_seed": cfg.compat.hash_seed,
         "lsh_attn_chunk_length": lsh_c,
         "local_attn_chunk_length": local_c,
         "lsh_num_chunks_before": 1,
@@ -274,11 +277,11 @@ def _check_hf_attention(cfg: ReformerConfig, kinds: tuple[str, ...]) -> None:
         _refuse("shared_qk", cfg.shared_qk, "its local attention has separate query and key")
     if "lsh" in kinds:
         for field in ("lsh_mode", "lsh_wrap", "lsh_dedup"):
-            have = cfg.resolved_lsh_mode if field == "lsh_mode" else getattr(cfg, field)
+            have = cfg.resolved_lsh_mode if field == "lsh_mode" else getattr(cfg.compat, field)
             want = TRANSFORMERS_SEMANTICS[field]
             if have != want:
                 _refuse(
-                    field,
+                    field if field == "lsh_mode" else f"compat.{field}",
                     have,
                     f"its LSH is the chunk layout with look-back wrap and no duplicate "
                     f"correction ({field}={want!r}); setting that here changes the model's "
@@ -288,15 +291,15 @@ def _check_hf_attention(cfg: ReformerConfig, kinds: tuple[str, ...]) -> None:
 
 def _check_hf_layers(cfg: ReformerConfig, kinds: tuple[str, ...]) -> None:
     """Refuse projections, key norm, position embeddings or padding that transformers lacks."""
-    if cfg.attn_out_bias:
-        _refuse("attn_out_bias", True, "its attention output projection has no bias")
+    if cfg.compat.attn_out_bias:
+        _refuse("compat.attn_out_bias", True, "its attention output projection has no bias")
     if cfg.tie_embeddings:
         _refuse("tie_embeddings", True, "its output layer is an untied Linear(2 d, vocab)")
-    if cfg.key_norm != "rms" and any(cfg.shared_qk_for(k) for k in kinds):
+    if cfg.compat.key_norm != "rms" and any(cfg.shared_qk_for(k) for k in kinds):
         _refuse(
-            "key_norm",
-            cfg.key_norm,
-            "it normalises keys as 'rms' (about 1e-8 apart from 'l2'; set key_norm='rms')",
+            "compat.key_norm",
+            cfg.compat.key_norm,
+            "it normalises keys as 'rms' (about 1e-8 apart from 'l2'; set compat.key_norm='rms')",
         )
     if cfg.pos_emb == "none" or (cfg.pos_emb == "axial" and len(cfg.resolved_axial_shape) != 2):
         _refuse(
@@ -306,8 +309,8 @@ def _check_hf_layers(cfg: ReformerConfig, kinds: tuple[str, ...]) -> None:
         )
     lsh_c, local_c = cfg.chunk_len_for("lsh"), cfg.chunk_len_for("local")
     want_pad = _lcm_pad(set(kinds), lsh_c, local_c)
-    if (cfg.pad_multiple or lsh_c) != (want_pad or lsh_c) and "lsh" in kinds:
-        _refuse("pad_multiple", cfg.pad_multiple, f"it pads to {want_pad or lsh_c}")
+    if (cfg.compat.pad_multiple or lsh_c) != (want_pad or lsh_c) and "lsh" in kinds:
+        _refuse("compat.pad_multiple", cfg.compat.pad_multiple, f"it pads to {want_pad or lsh_c}")
 
 
 # --- weights ----------------------------------------------------------------------------------
