@@ -8,6 +8,7 @@ from pathlib import Path
 
 import tyro
 
+from .config import moved_compat_flag
 from .train import (
     TrainConfig,
     _merge,
@@ -20,6 +21,11 @@ from .train import (
 
 def parse_train_args(argv: list[str]) -> TrainConfig:
     """`reformer train` flags -> the resolved TrainConfig (defaults < preset < file < flags)."""
+    for arg in argv:
+        if (new := moved_compat_flag(arg)) is not None:
+            raise ValueError(
+                f"{arg}: the transformers-compatibility switches are in model.compat now; use {new}"
+            )
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset")
     pre.add_argument("--config")
