@@ -116,22 +116,3 @@ def _generate_uncached(
             on_token(nxt)
         ids = torch.cat([ids, nxt[:, None]], dim=1)
     return ids
-
-
-def __getattr__(name: str):
-    # Deprecated aliases: decoding lives on ReformerLM.decode and reformer.model.DecodeCache;
-    # code that imports these names from here keeps working, with a DeprecationWarning.
-    if name in ("decode", "DecodeCache"):
-        import warnings
-
-        from . import model
-
-        warnings.warn(
-            f"reformer.generate.{name} moved: use ReformerLM.decode / reformer.model.DecodeCache",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        if name == "decode":
-            return lambda m, ids, cache=None, total_len=None: m.decode(ids, cache, total_len)
-        return model.DecodeCache
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -54,11 +54,6 @@ def set_release(enabled: bool) -> None:
     _enabled = bool(enabled)
 
 
-def release_enabled() -> bool:
-    """Whether `release_free_memory` trims in this process (on glibc)."""
-    return _enabled and _malloc_trim() is not None
-
-
 def release_free_memory(like: torch.Tensor) -> None:
     """Return free heap pages to the OS if `like` (a stream tensor of the reversible stack)
     lives on the CPU and is at least MIN_BYTES; a no-op elsewhere."""
