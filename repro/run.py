@@ -267,8 +267,8 @@ def causality_probe(out: Path, trials: int = 4) -> float:
     changes (j in the middle): 0 means strictly causal. Runs on the trained checkpoint."""
     import torch
 
-    from reformer.data.tasks import build_task
-    from reformer.train import load_run
+    from reformer.tasks.lm.data import build_task
+    from reformer.training.runs import load_run
 
     model, cfg, _, _ = load_run(out, torch.device("cpu"))
     task = build_task(cfg.task, cfg.data, cfg.seq_len, cfg.image_side)

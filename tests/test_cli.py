@@ -14,7 +14,8 @@ import torch
 
 from reformer.checkpoint import latest_checkpoint
 from reformer.cli import main
-from reformer.train import PRESETS, TrainConfig, TrainingDiverged, config_from_dict, train
+from reformer.run_config import PRESETS, TrainConfig, config_from_dict
+from reformer.training import TrainingDiverged, train
 
 TINY = [
     "--model.d-model", "16", "--model.d-ff", "16", "--model.n-heads", "2",
@@ -50,7 +51,7 @@ def test_config_layers_and_unknown_keys(tmp_path, capsys):
     toml_file.write_text("batch_size = 5\n[model]\nn_hashes = 3\n")
     import tyro
 
-    from reformer.train import _merge, load_config_file, preset_dict
+    from reformer.run_config import _merge, load_config_file, preset_dict
 
     layers = _merge(preset_dict("duplication-small"), load_config_file(str(cfg_file)))
     layers = _merge(layers, load_config_file(str(toml_file)))

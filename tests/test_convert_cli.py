@@ -8,7 +8,7 @@ import torch
 from transformers import ReformerModelWithLMHead
 
 from reformer.cli import main
-from reformer.train import load_run
+from reformer.training.runs import load_run
 from test_interop import CRIME_LIKE, ENWIK8_LIKE, hf_model
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven"]

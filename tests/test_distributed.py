@@ -17,7 +17,8 @@ import yaml
 
 import reformer
 from reformer.cli import main
-from reformer.train import config_from_dict, train
+from reformer.run_config import config_from_dict
+from reformer.training import train
 
 STEPS = 20
 RUN = [

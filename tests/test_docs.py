@@ -31,13 +31,13 @@ import tyro
 from reformer import cli
 from reformer.checkpoint import save_checkpoint
 from reformer.convert_cli import ConvertArgs
-from reformer.encoder.cli import PredictArgs
 from reformer.generate_cli import GenerateArgs
 from reformer.plan import parse_size
 from reformer.plan_cli import _parser as plan_parser
 from reformer.run_config import TrainConfig, config_to_dict
+from reformer.tasks.encoder.cli import PredictArgs
+from reformer.tasks.translation.cli import TranslateArgs
 from reformer.train_args import parse_train_args
-from reformer.translation.cli import TranslateArgs
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRA_PAGES = ("bench/README.md", "repro/README.md")  # checked when they exist

@@ -6,10 +6,10 @@ import torch
 
 from reformer import ReformerConfig, ReformerLM
 from reformer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from reformer.encoder.masking import MaskingRule
-from reformer.encoder.model import ReformerClassifier, pool
-from reformer.encoder.train import classification_metrics
 from reformer.model import cross_entropy_reference
+from reformer.tasks.encoder.masking import MaskingRule
+from reformer.tasks.encoder.model import ReformerClassifier, pool
+from reformer.tasks.encoder.recipe import classification_metrics
 
 F64 = torch.float64
 

@@ -125,7 +125,7 @@ def test_listops_trains_resumes_evaluates_and_predicts(tmp_path):
     # the run's own last evaluation (2 hashes, same seed) is what eval reproduces
     assert rows[1]["loss"] == pytest.approx(_last_eval_loss(ref), abs=1e-6)
 
-    from reformer.encoder import listops
+    from reformer.tasks.encoder import listops
 
     examples = listops.generate(12, seed=99, min_length=8, max_length=60)
     inputs = tmp_path / "in.jsonl"
@@ -138,8 +138,8 @@ def test_listops_trains_resumes_evaluates_and_predicts(tmp_path):
     # the probabilities are the model's own, as Python computes them on the same batch
     import torch
 
-    from reformer.encoder.data import LabelledSet
-    from reformer.encoder.train import load_encoder_run, run_tokenizer
+    from reformer.tasks.encoder.data import LabelledSet
+    from reformer.tasks.encoder.recipe import load_encoder_run, run_tokenizer
 
     model, cfg, _, _, state = load_encoder_run(ref, torch.device("cpu"))
     rows = [(t, str(v)) for t, v in examples]

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from reformer.data import DataFileNotFoundError
-from reformer.encoder import listops
-from reformer.encoder.data import (
+from reformer.tasks.encoder import listops
+from reformer.tasks.encoder.data import (
     ByteTokenizer,
     LabelledSet,
     ListOpsTokenizer,

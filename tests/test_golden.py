@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from reformer.run_config import _merge, config_from_dict, preset_dict
-from reformer.train import train
+from reformer.training import train
 from test_translation_cli import write_corpus
 
 LM_LOSSES = [

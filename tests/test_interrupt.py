@@ -110,7 +110,7 @@ def test_more_signals_during_the_save(extra, reference, tmp_path):
 
 def _model(run: Path):
     from reformer.model import ReformerLM
-    from reformer.train import saved_run_config
+    from reformer.training.runs import saved_run_config
 
     return ReformerLM(saved_run_config(latest_checkpoint(run)).model)
 

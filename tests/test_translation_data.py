@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from reformer.data import DataFileNotFoundError
-from reformer.translation.batches import ParallelData
-from reformer.translation.data import (
+from reformer.tasks.translation.batches import ParallelData
+from reformer.tasks.translation.data import (
     Tokenizer,
     bleu,
     read_lines,

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from helpers import rel_err
-from reformer.translation.model import EncDecConfig, ReformerEncDec
-from reformer.translation.search import beam_search, greedy
+from reformer.tasks.translation.model import EncDecConfig, ReformerEncDec
+from reformer.tasks.translation.search import beam_search, greedy
 
 F64 = torch.float64
 

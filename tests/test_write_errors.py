@@ -21,7 +21,7 @@ import reformer.training.common as common
 from reformer.checkpoint import latest_checkpoint, load_checkpoint
 from reformer.cli import main
 from reformer.model import ReformerLM
-from reformer.train import saved_run_config
+from reformer.training.runs import saved_run_config
 
 STEPS = 8
 

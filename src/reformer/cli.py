@@ -17,19 +17,14 @@ import tyro
 from .checkpoint import CheckpointError
 from .distributed import process_group
 from .files import is_write_error, write_error_message
-from .run_config import ENCODER_TASKS
-from .train import (
-    PRESETS,
-    TrainingDiverged,
-    format_table,
-    hash_table,
-    report_eval,
-    resolve_device,
-    train,
-)
+from .run_config import ENCODER_TASKS, PRESETS
+from .tasks.lm.recipe import hash_table, task_of
 from .train_args import parse_train_args
-from .training import RunStopped, RunWriteFailed
+from .training import RunStopped, RunWriteFailed, TrainingDiverged, train
+from .training.common import MetricsLog, resolve_device
+from .training.evaluation import format_table, report_eval
 from .training.interrupt import exit_code
+from .training.runs import load_run
 
 USAGE = """usage: reformer {train,eval,plot,generate,translate,predict,convert,plan} ...
 
@@ -94,8 +89,6 @@ def cmd_train(argv: list[str]) -> int:
     if final:
         print("final eval: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
     if lsh and cfg.eval_hashes:
-        from .train import load_run, task_of
-
         device = resolve_device(cfg.device)
         model, _, _, _ = load_run(Path(cfg.out), device)
         task = task_of(cfg)
@@ -150,17 +143,15 @@ class EvalArgs:
 
 
 def cmd_eval(argv: list[str]) -> int:
-    from .train import load_run, task_of
-
     args = tyro.cli(EvalArgs, args=argv, prog="reformer eval")
     device = resolve_device(args.device)
     task = _run_task(Path(args.checkpoint))
     if task == "translation":
-        from .translation.cli import eval_translation
+        from .tasks.translation.cli import eval_translation
 
         return eval_translation(args, device)
     if task in ENCODER_TASKS:
-        from .encoder.cli import eval_encoder
+        from .tasks.encoder.cli import eval_encoder
 
         return eval_encoder(args, device)
     model, cfg, ckpt, step = load_run(Path(args.checkpoint), device)
@@ -201,8 +192,6 @@ def cmd_plot(argv: list[str]) -> int:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .train import MetricsLog
 
     args = tyro.cli(PlotArgs, args=argv, prog="reformer plot")
     run = Path(args.run)
@@ -258,7 +247,7 @@ def cmd_plan(argv: list[str]) -> int:
 
 
 def cmd_translate(argv: list[str]) -> int:
-    from .translation.cli import cmd_translate as run
+    from .tasks.translation.cli import cmd_translate as run
 
     return run(argv)
 
@@ -271,7 +260,7 @@ def _run_task(path: Path) -> str | None:
 
 
 def cmd_predict(argv: list[str]) -> int:
-    from .encoder.cli import cmd_predict as run
+    from .tasks.encoder.cli import cmd_predict as run
 
     return run(argv)
 

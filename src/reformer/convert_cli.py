@@ -21,10 +21,10 @@ import tyro
 import yaml
 
 from .checkpoint import latest_checkpoint, save_checkpoint
-from .files import atomic_output
+from .files import atomic_output, atomic_write
 from .interop import SPM_FILES, check_config, from_transformers, to_transformers
 from .run_config import TrainConfig, config_to_dict
-from .train import atomic_write_text, load_run, resolve_tokenizer
+from .training.runs import load_run, resolve_tokenizer
 
 TOKENIZER_FILE = "spm.model"
 
@@ -99,7 +99,7 @@ def _import(args: ConvertArgs) -> int:
         with atomic_output(out / TOKENIZER_FILE) as tmp:
             shutil.copyfile(spm, tmp)
     save_checkpoint(out, 0, lm.float(), config=resolved, keep=1)
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    atomic_write(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     what = f"sentencepiece ({TOKENIZER_FILE})" if tokenizer else f"bytes + {offset}"
     print(
         f"wrote {out}: {cfg_m.n_layers} layers ({cfg_m.attention}), d_model {cfg_m.d_model}, "

@@ -15,7 +15,8 @@ import tyro
 
 from .generate import generate
 from .run_config import TrainConfig
-from .train import load_run, resolve_device, resolve_tokenizer
+from .training.common import resolve_device
+from .training.runs import load_run, resolve_tokenizer
 
 
 @dataclass

@@ -48,8 +48,8 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_plan(argv: list[str]) -> int:
     """`reformer plan ARGV`: print the predicted step memory (and what fits --budget, and the
     measured peak with --measure); write it as JSON with --json. Returns the exit code."""
-    from .train import resolve_device
     from .train_args import parse_train_args
+    from .training.common import resolve_device
 
     args, rest = _parser().parse_known_args(argv)
     if args.help:

@@ -9,7 +9,7 @@ from pathlib import Path
 import tyro
 
 from .config import moved_compat_flag
-from .train import (
+from .run_config import (
     TrainConfig,
     _merge,
     config_from_dict,

@@ -15,9 +15,6 @@ import torch
 from ..files import atomic_write, naming
 from ..run_config import OptimConfig, TrainConfig
 
-# The loop's old name for `files.atomic_write`.
-atomic_write_text = atomic_write
-
 
 # --- pieces of the loop ------------------------------------------------------------------------
 def resolve_device(name: str) -> torch.device:
@@ -105,7 +102,7 @@ class MetricsLog:
                 continue
             if rec.get("step", 0) <= step:
                 keep.append(line)
-        atomic_write_text(self.path, "".join(x + "\n" for x in keep))
+        atomic_write(self.path, "".join(x + "\n" for x in keep))
 
     def write(self, record: dict[str, Any]) -> None:
         with naming(self.path), open(self.path, "a") as f:

@@ -29,7 +29,7 @@ from reformer.data._common import (
     check_positive,
 )
 
-from ..files import atomic_write
+from ...files import atomic_write
 
 PathLike = str | os.PathLike[str]
 

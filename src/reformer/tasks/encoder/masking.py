@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..data._common import IGNORE_INDEX
+from ...data._common import IGNORE_INDEX
 
 
 @dataclass(frozen=True)

@@ -23,15 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attention import Attention
-from ..attention.cache import LayerCache
-from ..config import ReformerConfig
-from ..embeddings import AbsolutePositionalEmbedding
-from ..feedforward import FeedForward
-from ..model import ReformerBlock
-from ..reversible import Branch, reversible_chain
-from ..seeding import dropout_mask
-from ..seeding import seeded_generator as make_generator
+from ...attention import Attention
+from ...attention.cache import LayerCache
+from ...config import ReformerConfig
+from ...embeddings import AbsolutePositionalEmbedding
+from ...feedforward import FeedForward
+from ...model import ReformerBlock
+from ...reversible import Branch, reversible_chain
+from ...seeding import dropout_mask
+from ...seeding import seeded_generator as make_generator
 
 IGNORE_INDEX = -100
 

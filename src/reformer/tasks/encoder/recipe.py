@@ -23,22 +23,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attention.chunked import chunk_slices
-from ..attention.common import upcast
-from ..checkpoint import (
+from ...attention.chunked import chunk_slices
+from ...attention.common import upcast
+from ...checkpoint import (
     CheckpointError,
     load_checkpoint,
     read_checkpoint_state,
     resolve_checkpoint,
 )
-from ..data._common import IGNORE_INDEX, make_generator
-from ..data.bytes import ByteCorpus, load_enwik8, load_text
-from ..distributed import barrier
-from ..model import ReformerLM
-from ..run_config import TrainConfig
-from ..train import resolve_tokenizer, saved_run_config, seeded_eval
-from ..training import Recipe
-from ..training.common import autocast_for
+from ...data._common import IGNORE_INDEX, make_generator
+from ...data.bytes import ByteCorpus, load_enwik8, load_text
+from ...distributed import barrier
+from ...model import ReformerLM
+from ...run_config import TrainConfig
+from ...training import Recipe
+from ...training.common import autocast_for
+from ...training.evaluation import seeded_eval
+from ...training.runs import resolve_tokenizer, saved_run_config
 from . import listops
 from .data import (
     ByteTokenizer,

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ReformerConfig
-from ..model import ReformerLM
+from ...config import ReformerConfig
+from ...model import ReformerLM
 
 POOLINGS = ("mean", "first")
 

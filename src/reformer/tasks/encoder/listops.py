@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import atomic_output
+from ...files import atomic_output
 
 DIGITS = tuple(str(v) for v in range(10))
 OPERATORS = ("[MAX", "[MIN", "[MED", "[SM")
@@ -327,7 +327,7 @@ def write_jsonl(examples: Iterable[tuple[str, int]], path: str | os.PathLike[str
     """Write ``{"text": ..., "label": ...}`` lines (label an int), atomically; return the path.
 
     The file appears complete or not at all (a temp file beside it is renamed over it), so an
-    interrupted run never leaves a truncated split for :func:`reformer.encoder.data.read_labelled`.
+    interrupted run never leaves a truncated split for `data.read_labelled`.
     """
     out = Path(path).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ import sentencepiece as spm
 import torch
 from torch import Tensor
 
-from ..data._common import (
+from ...data._common import (
     DataFileNotFoundError,
     check_file,
     check_positive,
@@ -179,7 +179,7 @@ class ByteTokenizer(_Tokenizer):
 
 
 class ListOpsTokenizer(_Tokenizer):
-    """The 15 ListOps tokens (:data:`reformer.encoder.listops.TOKENS`)."""
+    """The 15 ListOps tokens (:data:`reformer.tasks.encoder.listops.TOKENS`)."""
 
     name = "listops"
 

@@ -15,15 +15,15 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import (
+from ...checkpoint import (
     CheckpointError,
     load_checkpoint,
-    read_checkpoint_config,
     resolve_checkpoint,
 )
-from ..distributed import all_reduce_sum, barrier
-from ..run_config import TrainConfig, config_from_dict, unused_fields
-from ..training import Recipe, Trainer
+from ...distributed import all_reduce_sum, barrier
+from ...run_config import TrainConfig
+from ...training import Recipe
+from ...training.runs import saved_run_config
 from .batches import ParallelData
 from .data import Tokenizer, bleu, read_parallel, resolve_pair_paths
 from .model import EncDecConfig, ReformerEncDec
@@ -245,11 +245,6 @@ class TranslationRecipe(Recipe):
         return {"loss": res["loss"], "bleu": res["bleu"]}
 
 
-def train_translation(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
-    """Train (or resume) a translation run; returns the last evaluation."""
-    return Trainer(cfg, TranslationRecipe, rank, world_size).run()
-
-
 @dataclass
 class TranslationRun:
     model: ReformerEncDec
@@ -264,8 +259,7 @@ def load_translation_run(path: Path, device: torch.device) -> TranslationRun:
     config, checkpoint directory and step."""
     path = Path(path)
     ckpt = resolve_checkpoint(path)
-    with unused_fields("reset"):  # runs saved before unused fields were refused
-        cfg = config_from_dict(read_checkpoint_config(ckpt), where=f"{ckpt}/config.json")
+    cfg = saved_run_config(ckpt)
     if cfg.task != "translation":
         raise CheckpointError(f"{ckpt}: a {cfg.task!r} run, not a translation run")
     spm_path = ckpt.parent.parent / "spm.model"

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 import tyro
 
-from .train import eval_pairs, evaluate_translation, load_translation_run, translate_texts
+from ...files import atomic_write
+from .recipe import eval_pairs, evaluate_translation, load_translation_run, translate_texts
 
 
 @dataclass
@@ -32,7 +33,7 @@ class TranslateArgs:
 
 
 def cmd_translate(argv: list[str]) -> int:
-    from ..train import atomic_write_text, resolve_device
+    from ...training.common import resolve_device
     from .data import read_lines
 
     args = tyro.cli(TranslateArgs, args=argv, prog="reformer translate")
@@ -50,7 +51,7 @@ def cmd_translate(argv: list[str]) -> int:
     )
     text = "".join(h + "\n" for h in hyps)
     if args.output:
-        atomic_write_text(Path(args.output), text)
+        atomic_write(Path(args.output), text)
     else:
         sys.stdout.write(text)
     return 0
@@ -58,8 +59,6 @@ def cmd_translate(argv: list[str]) -> int:
 
 def eval_translation(args: Any, device: torch.device) -> int:
     """`reformer eval` on a translation run: loss and sacrebleu BLEU of a split or files."""
-    from ..train import atomic_write_text
-
     run = load_translation_run(Path(args.checkpoint), device)
     t = run.config.translation
     pairs = eval_pairs(run.config, args.split, args.src, args.ref)
@@ -72,7 +71,7 @@ def eval_translation(args: Any, device: torch.device) -> int:
     print(f"loss {res['loss']:.4f} nats/token, BLEU {res['bleu']:.2f}")
     print(res["signature"])
     if args.output:
-        atomic_write_text(Path(args.output), "".join(h + "\n" for h in res["hypotheses"]))
+        atomic_write(Path(args.output), "".join(h + "\n" for h in res["hypotheses"]))
     if args.json:
         result = {
             "checkpoint": str(run.checkpoint),
@@ -84,5 +83,5 @@ def eval_translation(args: Any, device: torch.device) -> int:
             "bleu": res["bleu"],
             "signature": res["signature"],
         }
-        atomic_write_text(Path(args.json), json.dumps(result, indent=2))
+        atomic_write(Path(args.json), json.dumps(result, indent=2))
     return 0

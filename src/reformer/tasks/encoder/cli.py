@@ -11,11 +11,11 @@ from typing import Any, Literal
 import torch
 import tyro
 
-from ..files import atomic_write
-from ..train import per_hash_count, report_eval
-from ..training.common import autocast_for, resolve_device
+from ...files import atomic_write
+from ...training.common import autocast_for, resolve_device
+from ...training.evaluation import per_hash_count, report_eval
 from .data import read_labelled, split_file
-from .train import (
+from .recipe import (
     byte_corpus,
     evaluate_classifier,
     evaluate_mlm,

@@ -1,4 +1,5 @@
-"""Tasks: one interface over the data sources the trainer and evaluator use.
+"""Language-model tasks: one interface over the data sources (`reformer.data`) that the
+recipe and `reformer eval` use.
 
 A task yields (input_ids (B, L), targets (B, L)) batches, with -100 where a position is not
 scored, and says how to report its loss (bits per character, bits per dim, or accuracy).
@@ -14,9 +15,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .bytes import ByteCorpus, load_enwik8, load_subword_text, load_text
-from .duplication import DuplicationTask
-from .images import ImageDataset
+from ...data.bytes import ByteCorpus, load_enwik8, load_subword_text, load_text
+from ...data.duplication import DuplicationTask
+from ...data.images import ImageDataset
 
 TASKS = ("duplication", "enwik8", "text", "images")
 Batch = tuple[Tensor, Tensor]
