@@ -13,14 +13,19 @@ from ..run_config import config_from_dict, config_to_dict, unused_fields
 from .recipe import Recipe
 
 
-def pick_checkpoint(
-    out: Path, resume: bool, resolved: dict[str, Any], recipe: Recipe, rank: int
-) -> Path | None:
-    """The checkpoint to resume from (None: a fresh run), refusing to overwrite a run."""
+def newest_checkpoint(out: Path, rank: int) -> Path | None:
+    """The run directory's newest complete checkpoint, as rank 0 sees it, on every rank."""
     ckpt = latest_checkpoint(out) if rank == 0 and out.exists() else None
     # Rank 0 picks the checkpoint and every rank loads that one (the run directory must
     # be on a filesystem all ranks see); deciding once keeps the ranks from disagreeing.
-    ckpt = broadcast_object(ckpt)
+    return broadcast_object(ckpt)
+
+
+def pick_checkpoint(
+    ckpt: Path | None, out: Path, resume: bool, resolved: dict[str, Any], recipe: Recipe
+) -> Path | None:
+    """`ckpt` (the newest) if the run continues from it, None for a fresh run; refuses to
+    overwrite a run, or to resume one with another config."""
     if ckpt is None:
         return None
     if not (resume or _elastic_restart_resumes(ckpt, resolved)):

@@ -69,7 +69,7 @@ from .interrupt import RunStopped, StopSignals
 from .precision import resolve_precision
 from .progress import Progress
 from .recipe import Recipe
-from .resume import check_resume_state, pick_checkpoint
+from .resume import check_resume_state, newest_checkpoint, pick_checkpoint
 
 Callback = Callable[[str, dict[str, Any]], None]
 _CALLBACKS: list[Callback] = []
@@ -205,9 +205,10 @@ class Trainer:
         metrics = MetricsLog(
             out / "metrics.jsonl", out / "tensorboard" if cfg.tensorboard else None
         )
-        self._settle_precision(out)
+        newest = newest_checkpoint(out, rank)
+        self._settle_precision(newest)
         resolved = config_to_dict(cfg)
-        ckpt = pick_checkpoint(out, cfg.resume, resolved, self.recipe, rank)
+        ckpt = pick_checkpoint(newest, out, cfg.resume, resolved, self.recipe)
         self.recipe.prepare(out)
         check_resume_state(ckpt, self.recipe)
         torch.manual_seed(cfg.seed)
@@ -238,17 +239,13 @@ class Trainer:
             out, resolved, metrics, model, opt, sched, wrapped, start, progress, saved=ckpt
         )
 
-    def _settle_precision(self, out: Path) -> None:
+    def _settle_precision(self, newest: Path | None) -> None:
         """--precision auto becomes fp32 or bf16 before the config is saved: a resumed run
         keeps its own, a fresh one takes bf16 where the device multiplies bf16 natively. An
         explicit precision other than the resumed run's is refused."""
-        cfg = self.cfg
-        saved = None
-        if cfg.resume:
-            ckpt = latest_checkpoint(out) if self.rank == 0 and out.exists() else None
-            saved = broadcast_object(
-                read_checkpoint_config(ckpt).get("precision") if ckpt else None
-            )
+        cfg, out = self.cfg, Path(self.cfg.out)
+        resumed = cfg.resume and newest is not None
+        saved = read_checkpoint_config(newest).get("precision") if resumed else None
         if cfg.precision == "auto":
             if saved is not None:
                 cfg.precision, why = saved, "the precision the run was trained in"
