@@ -401,6 +401,34 @@ def load_encoder_run(
     return model.eval(), cfg, ckpt, step, state
 
 
+def evaluate_split(
+    model: nn.Module,
+    cfg: TrainConfig,
+    state: dict[str, Any],
+    split: str,
+    *,
+    data: str | None = None,
+    batch_size: int,
+    max_batches: int | None,
+    precision: str = "fp32",
+    seed: int = 0,
+) -> dict[str, float]:
+    """A loaded run's metrics (`load_encoder_run`) on `split` of its data, or of `data`:
+    masked-LM loss and accuracy (mlm), classification metrics (classify, listops)."""
+    common = dict(batch_size=batch_size, max_batches=max_batches, precision=precision, seed=seed)
+    tokenizer = run_tokenizer(cfg, state)
+    if cfg.task == "mlm":
+        corpus = byte_corpus(data or cfg.data)
+        rule = masking_rule(cfg, tokenizer)
+        return evaluate_mlm(model, corpus, rule, seq_len=cfg.seq_len, split=split, **common)
+    if cfg.task == "listops":
+        examples = listops_split(cfg, split)
+    else:
+        examples = read_labelled(split_file(data or cfg.data, split))
+    dataset = labelled_set(cfg, examples, tokenizer, state["labels"])
+    return evaluate_classifier(model, dataset, **common)
+
+
 def run_tokenizer(cfg: TrainConfig, state: dict[str, Any]):
     """The tokenizer a run was trained with (its sentencepiece model found in its run
     directory when the run trained it)."""
