@@ -28,16 +28,17 @@ import pytest
 import torch
 import tyro
 
-from reformer import cli
 from reformer.checkpoint import save_checkpoint
-from reformer.convert_cli import ConvertArgs
-from reformer.generate_cli import GenerateArgs
+from reformer.cli.convert import ConvertArgs
+from reformer.cli.eval import EvalArgs
+from reformer.cli.generate import GenerateArgs
+from reformer.cli.plan import parse_plan_args
+from reformer.cli.plot import PlotArgs
+from reformer.cli.predict import PredictArgs
+from reformer.cli.train import cmd_train, parse_train_args
+from reformer.cli.translate import TranslateArgs
 from reformer.plan import parse_size
-from reformer.plan_cli import _parser as plan_parser
 from reformer.run_config import TrainConfig, config_to_dict
-from reformer.tasks.encoder.cli import PredictArgs
-from reformer.tasks.translation.cli import TranslateArgs
-from reformer.train_args import parse_train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRA_PAGES = ("bench/README.md", "repro/README.md")  # checked when they exist
@@ -202,11 +203,11 @@ def _dry_parse(argv: list[str]) -> object:
     verb, rest = argv[0], argv[1:]
     if verb == "train":
         if "--list-presets" in rest:  # answered before any parsing: prints the presets
-            assert cli.cmd_train(rest) == 0
+            assert cmd_train(rest) == 0
             return None
         return parse_train_args(rest)
     if verb == "plan":  # cmd_plan's own flags, then train's layers on the rest
-        args, rest = plan_parser().parse_known_args(rest)
+        args, rest = parse_plan_args(rest)
         if args.budget is not None:
             parse_size(args.budget)
         return parse_train_args(rest)
@@ -217,8 +218,8 @@ def _dry_parse(argv: list[str]) -> object:
         )
         return args
     kind = {
-        "eval": cli.EvalArgs,
-        "plot": cli.PlotArgs,
+        "eval": EvalArgs,
+        "plot": PlotArgs,
         "generate": GenerateArgs,
         "translate": TranslateArgs,
         "predict": PredictArgs,

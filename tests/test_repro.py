@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from reformer.cli import parse_train_args
+from reformer.cli.train import parse_train_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from repro.run import PAPER_TABLE2, experiments

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 import tyro
 
-from .generate import generate
-from .run_config import TrainConfig
-from .training.common import resolve_device
-from .training.runs import load_run, resolve_tokenizer
+from ..generate import generate
+from ..run_config import TrainConfig
+from ..training.common import resolve_device
+from ..training.runs import load_run, resolve_tokenizer
 
 
 @dataclass
@@ -81,7 +81,7 @@ def _generate_image(
     """Sample one image (its first pixel value uniform) and write it as a PNG; exit code."""
     if cfg.task != "images":
         raise ValueError("--image needs a checkpoint trained on images (task 'images')")
-    from .data.images import to_image
+    from ..data.images import to_image
 
     n = 3 * cfg.image_side**2
     g = torch.Generator().manual_seed(args.seed)

@@ -11,14 +11,15 @@ the measured peak beside the prediction.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from .files import atomic_write
-from .plan import (
+import tyro
+
+from ..files import atomic_write
+from ..plan import (
     GiB,
     MemoryPlan,
     MiB,
@@ -27,35 +28,41 @@ from .plan import (
     parse_size,
     plan_memory,
 )
-
-if TYPE_CHECKING:
-    from .run_config import TrainConfig
-
-HELP = __doc__.split("\n\n", 1)[1]
+from ..run_config import TrainConfig
+from ..training.common import resolve_device
+from .train import parse_train_args
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="reformer plan", add_help=False)
-    p.add_argument("--length", type=int, default=None)
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--budget", default=None)
-    p.add_argument("--measure", action="store_true")
-    p.add_argument("--json", default=None)
-    p.add_argument("-h", "--help", action="store_true")
-    return p
+@dataclass
+class PlanArgs:
+    """Predict a training step's peak memory by component (and the longest length that fits
+    --budget). Model and run flags: as `reformer train --help` lists them."""
+
+    length: int | None = None
+    """Tokens per sequence; default: the run's seq_len (an image run: 3 x side^2)."""
+    batch: int | None = None
+    """Sequences per step; default: the run's batch_size."""
+    budget: str | None = None
+    """A memory budget (e.g. 20GiB, 512MiB): also print the longest length that fits it."""
+    measure: bool = False
+    """Also run two real steps in a fresh process and print their measured peak."""
+    json: str | None = None
+    """Also write the plan to this JSON file."""
+
+
+def parse_plan_args(argv: list[str]) -> tuple[PlanArgs, list[str]]:
+    """`reformer plan` flags -> (its own flags, the rest: `reformer train`'s flags)."""
+    return tyro.cli(
+        PlanArgs, args=argv, prog="reformer plan", return_unknown_args=True,
+        description=__doc__.split("\n\n", 1)[1].strip()
+        + "\n\nModel and run flags: as `reformer train --help` lists them.",
+    )  # fmt: skip
 
 
 def cmd_plan(argv: list[str]) -> int:
     """`reformer plan ARGV`: print the predicted step memory (and what fits --budget, and the
-    measured peak with --measure); write it as JSON with --json. Returns the exit code."""
-    from .train_args import parse_train_args
-    from .training.common import resolve_device
-
-    args, rest = _parser().parse_known_args(argv)
-    if args.help:
-        print("usage: " + HELP.strip())
-        print("\nModel and run flags: as `reformer train --help` lists them.")
-        return 0
+    measured peak with --measure); write it as JSON with --json. Returns the exit status."""
+    args, rest = parse_plan_args(argv)
     budget = parse_size(args.budget) if args.budget is not None else None  # checked first
     cfg = parse_train_args(rest)
     length, batch = _length_and_batch(cfg, args)
@@ -91,7 +98,7 @@ def cmd_plan(argv: list[str]) -> int:
     return 0
 
 
-def _length_and_batch(cfg: TrainConfig, args: argparse.Namespace) -> tuple[int, int]:
+def _length_and_batch(cfg: TrainConfig, args: PlanArgs) -> tuple[int, int]:
     """The planned (length, batch): the flags, else the run's (an image run: 3 x side^2);
     refuses a translation run, which the plan does not model."""
     if cfg.task == "translation":

@@ -20,11 +20,11 @@ import torch
 import tyro
 import yaml
 
-from .checkpoint import latest_checkpoint, save_checkpoint
-from .files import atomic_output, atomic_write
-from .interop import SPM_FILES, check_config, from_transformers, to_transformers
-from .run_config import TrainConfig, config_to_dict
-from .training.runs import load_run, resolve_tokenizer
+from ..checkpoint import latest_checkpoint, save_checkpoint
+from ..files import atomic_output, atomic_write
+from ..interop import SPM_FILES, check_config, from_transformers, to_transformers
+from ..run_config import TrainConfig, config_to_dict
+from ..training.runs import load_run, resolve_tokenizer
 
 TOKENIZER_FILE = "spm.model"
 

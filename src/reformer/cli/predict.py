@@ -1,4 +1,5 @@
-"""`reformer predict` and the encoder side of `reformer eval` (tasks mlm, classify, listops)."""
+"""`reformer predict`: classify texts (a file, or standard input) with a classify or
+listops run; one JSON line per input, and the accuracy when the inputs are labelled."""
 
 from __future__ import annotations
 
@@ -11,51 +12,10 @@ from typing import Any, Literal
 import torch
 import tyro
 
-from ...files import atomic_write
-from ...training.common import autocast_for, resolve_device
-from ...training.evaluation import per_hash_count, report_eval
-from .data import read_labelled, split_file
-from .recipe import (
-    byte_corpus,
-    evaluate_classifier,
-    evaluate_mlm,
-    labelled_set,
-    listops_split,
-    load_encoder_run,
-    masking_rule,
-    run_tokenizer,
-)
-
-
-def _evaluate(model, cfg, state, args, split: str) -> dict[str, float]:
-    batch_size = args.batch_size or cfg.eval_batch_size or cfg.batch_size
-    common = dict(
-        batch_size=batch_size,
-        max_batches=args.batches or None,
-        precision=args.precision,
-        seed=args.seed,
-    )
-    tokenizer = run_tokenizer(cfg, state)
-    if cfg.task == "mlm":
-        corpus = byte_corpus(args.data or cfg.data)
-        rule = masking_rule(cfg, tokenizer)
-        return evaluate_mlm(model, corpus, rule, seq_len=cfg.seq_len, split=split, **common)
-    if cfg.task == "listops":
-        examples = listops_split(cfg, split)
-    else:
-        examples = read_labelled(split_file(args.data or cfg.data, split))
-    dataset = labelled_set(cfg, examples, tokenizer, state["labels"])
-    return evaluate_classifier(model, dataset, **common)
-
-
-def eval_encoder(args: Any, device: torch.device) -> int:
-    """`reformer eval` of an encoder run: metrics on a split, one row per hash-round count."""
-    model, cfg, ckpt, step, state = load_encoder_run(Path(args.checkpoint), device)
-    counts = tuple(args.n_hashes) or (None,)
-    rows = per_hash_count(model, counts, lambda: _evaluate(model, cfg, state, args, args.split))
-    title = f"{ckpt} (step {step}), {cfg.task} {args.split} split"
-    report_eval(title, rows, ckpt, step, args.split, args.json)
-    return 0
+from ..files import atomic_write
+from ..tasks.encoder.data import read_labelled
+from ..tasks.encoder.recipe import labelled_set, load_encoder_run, run_tokenizer
+from ..training.common import autocast_for, resolve_device
 
 
 @dataclass
