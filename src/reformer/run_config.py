@@ -200,7 +200,10 @@ class TrainConfig:
     """Stop (with a checkpoint) after this much wall-clock time."""
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda, cuda:N."""
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    """bf16: autocast to bfloat16 (fp32 weights, softmax statistics and accumulation); auto:
+    bf16 where the device multiplies bf16 natively (CPUs with AMX or AVX-512 BF16, CUDA with
+    bf16), else fp32. The run's config saves the choice; --resume keeps it."""
     parallel: Literal["ddp", "fsdp"] = "ddp"
     """Multi-process training (torchrun): ddp replicates the model on every rank; fsdp
     shards parameters, gradients and optimiser state over the ranks (FSDP2). Ignored in a
