@@ -16,6 +16,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import tyro
 
 from ..files import atomic_write
@@ -30,6 +31,7 @@ from ..plan import (
 )
 from ..run_config import TrainConfig
 from ..training.common import resolve_device
+from ..training.precision import resolve_precision
 from .train import parse_train_args
 
 
@@ -67,6 +69,7 @@ def cmd_plan(argv: list[str]) -> int:
     cfg = parse_train_args(rest)
     length, batch = _length_and_batch(cfg, args)
     device = str(resolve_device(cfg.device))
+    cfg.precision = resolve_precision(cfg.precision, torch.device(device))[0]  # auto: as train
     plan = plan_memory(cfg.model, length, batch, cfg.precision, cfg.optim.name)
     print(plan.table())
     if length > cfg.model.max_seq_len:

@@ -79,10 +79,11 @@ def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
 def _elastic_restart_resumes(ckpt: Path | None, resolved: dict[str, Any]) -> bool:
     """A worker group restarted by torchrun (--max-restarts) continues from the newest
     checkpoint without --resume, but only from one written with this very config, so that a
-    restart never continues some other run that was in --out."""
+    restart never continues some other run that was in --out. The saved config is read as
+    today's library writes it (`with_defaults`: newer fields, the nested compat section)."""
     if ckpt is None or torchrun_env() is None or restart_count() == 0:
         return False
-    saved = read_checkpoint_config(ckpt)
+    saved = with_defaults(read_checkpoint_config(ckpt))
     return {k: v for k, v in saved.items() if k != "resume"} == {
         k: v for k, v in resolved.items() if k != "resume"
     }
