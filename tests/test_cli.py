@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import logged_losses
 from reformer.checkpoint import latest_checkpoint
 from reformer.cli import main
 from reformer.run_config import PRESETS, TrainConfig, config_from_dict
@@ -70,14 +71,6 @@ def test_config_layers_and_unknown_keys(tmp_path, capsys):
     assert "unknown preset" in capsys.readouterr().err
 
 
-def _losses(run: Path) -> dict[int, float]:
-    return {
-        r["step"]: r["loss"]
-        for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-        if "loss" in r
-    }
-
-
 def test_resume_after_kill_9_is_bit_exact(tmp_path):
     args = [
         "train", "--preset", "duplication-small", "--seq-len", "16", "--model.max-seq-len", "16",
@@ -106,7 +99,7 @@ def test_resume_after_kill_9_is_bit_exact(tmp_path):
     resumed = run_cli(*args, "--out", str(run), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert f"from step {killed_at}" in resumed.stdout
-    a, b = _losses(ref), _losses(run)
+    a, b = logged_losses(ref), logged_losses(run)
     assert sorted(a) == sorted(b) == list(range(1, 25))
     assert all(a[s] == b[s] for s in a), {s: (a[s], b[s]) for s in a if a[s] != b[s]}
 
@@ -289,8 +282,8 @@ def test_tensorboard_logs_the_same_metrics(tmp_path):
     acc = EventAccumulator(str(out / "tensorboard"))
     acc.Reload()
     logged = {e.step: e.value for e in acc.Scalars("loss")}
-    assert logged.keys() == _losses(out).keys()
-    for step, loss in _losses(out).items():
+    assert logged.keys() == logged_losses(out).keys()
+    for step, loss in logged_losses(out).items():
         assert abs(logged[step] - loss) <= 1e-6 * abs(loss)  # TensorBoard stores float32
     assert [e.step for e in acc.Scalars("eval/loss")] == [2, 4]
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import logged_losses
 from reformer.checkpoint import latest_checkpoint
 from reformer.cli import main
 
@@ -38,14 +39,6 @@ def _last_eval_loss(run: Path) -> float:
     return [r for r in recs if "eval_loss" in r][-1]["eval_loss"]
 
 
-def _losses(run: Path) -> dict[int, float]:
-    return {
-        r["step"]: r["loss"]
-        for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-        if "loss" in r
-    }
-
-
 def _killed_run_resumes_bit_exactly(tmp_path: Path, args: list[str], steps: int, at: int):
     """A reference run, and one killed (SIGKILL) at step `at` and resumed: equal losses."""
     ref, run = tmp_path / "ref", tmp_path / "run"
@@ -58,7 +51,7 @@ def _killed_run_resumes_bit_exactly(tmp_path: Path, args: list[str], steps: int,
     resumed = run_cli(*args, "--out", str(run), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert f"from step {saved}" in resumed.stdout
-    a, b = _losses(ref), _losses(run)
+    a, b = logged_losses(ref), logged_losses(run)
     assert sorted(a) == sorted(b) == list(range(1, steps + 1))
     assert all(a[s] == b[s] for s in a), {s: (a[s], b[s]) for s in a if a[s] != b[s]}
     return ref, done

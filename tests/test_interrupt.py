@@ -5,7 +5,6 @@ that save changes nothing, a third aborts it and leaves the earlier checkpoints;
 writer is refused while a run is live; progress in a log file is plain lines."""
 
 import fcntl
-import json
 import os
 import pty
 import signal
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import logged_losses
 from reformer.checkpoint import latest_checkpoint, load_checkpoint
 from reformer.training.interrupt import ABORT_AT, Interrupted, StopSignals
 
@@ -48,17 +48,12 @@ def reformer(*args: str, env: dict | None = None, script: list[str] | None = Non
     )
 
 
-def losses(run: Path) -> dict[int, float]:
-    recs = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-    return {r["step"]: r["loss"] for r in recs if "loss" in r}
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict[int, float]:
     out = tmp_path_factory.mktemp("ref") / "run"
     proc = reformer(*RUN, "--out", str(out))
     assert proc.returncode == 0, proc.stderr
-    return losses(out)
+    return logged_losses(out)
 
 
 def checkpoint_steps(run: Path) -> list[str]:
@@ -81,11 +76,11 @@ def test_signal_saves_the_step_and_resume_is_bit_exact(name, status, reference, 
     )
     assert latest_checkpoint(run) == saved
     assert checkpoint_steps(run) == ["step-00000005", "step-00000007"]
-    assert sorted(losses(run)) == list(range(1, AT + 2))  # flushed up to the saved step
+    assert sorted(logged_losses(run)) == list(range(1, AT + 2))  # flushed up to the saved step
     resumed = reformer("train", "--config", str(run / "config.yaml"), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert f"from step {AT + 1}" in resumed.stdout
-    assert losses(run) == reference  # every step, bit for bit
+    assert logged_losses(run) == reference  # every step, bit for bit
 
 
 @pytest.mark.parametrize("extra", [ABORT_AT - 2, ABORT_AT - 1], ids=["second", "third"])
@@ -105,7 +100,7 @@ def test_more_signals_during_the_save(extra, reference, tmp_path):
     load_checkpoint(latest_checkpoint(run), _model(run))  # checksums verified
     resumed = reformer("train", "--config", str(run / "config.yaml"), "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert losses(run) == reference
+    assert logged_losses(run) == reference
 
 
 def _model(run: Path):
@@ -135,7 +130,7 @@ def test_sigterm_from_outside_and_a_second_writer(reference, tmp_path):
     live.send_signal(signal.SIGTERM)
     _, err = live.communicate(timeout=120)
     assert live.returncode == 143, err
-    step = max(losses(run))
+    step = max(logged_losses(run))
     assert latest_checkpoint(run).name == f"step-{step:08d}"
     assert f"stopped by SIGTERM after step {step}" in err
     # kill -9 leaves no stale lock: the OS released it with the process
@@ -144,7 +139,7 @@ def test_sigterm_from_outside_and_a_second_writer(reference, tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    _wait_for(lambda: max(losses(run)) > step + 1)
+    _wait_for(lambda: max(logged_losses(run)) > step + 1)
     os.kill(again.pid, signal.SIGKILL)
     again.wait()
     last_saved = int(latest_checkpoint(run).name.removeprefix("step-"))

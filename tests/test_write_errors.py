@@ -5,7 +5,6 @@ the losses of an uninterrupted run. Errors are injected where each kind of file 
 and met for real on a small filesystem where the test may mount one."""
 
 import errno
-import json
 import os
 import shutil
 import subprocess
@@ -18,6 +17,7 @@ import reformer.checkpoint as checkpoint
 import reformer.checkpoint.codec as codec
 import reformer.checkpoint.store as store
 import reformer.training.common as common
+from helpers import logged_losses
 from reformer.checkpoint import latest_checkpoint, load_checkpoint
 from reformer.cli import main
 from reformer.model import ReformerLM
@@ -37,16 +37,11 @@ def train_args(run: Path, steps: int = STEPS) -> list[str]:
     ]  # fmt: skip
 
 
-def losses(run: Path) -> dict[int, float]:
-    recs = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-    return {r["step"]: r["loss"] for r in recs if "loss" in r}
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict[int, float]:
     run = tmp_path_factory.mktemp("ref") / "run"
     assert main(train_args(run)) == 0
-    return losses(run)
+    return logged_losses(run)
 
 
 def assert_intact(run: Path, step: int) -> None:
@@ -141,7 +136,7 @@ def test_injected_write_errors_stop_cleanly_and_resume(
     assert_intact(run, kept)
     monkeypatch.undo()
     assert main([*train_args(run), "--resume"]) == 0
-    assert losses(run) == reference
+    assert logged_losses(run) == reference
 
 
 @pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
@@ -215,4 +210,4 @@ def test_a_full_disk_for_real(small_filesystem, reference, tmp_path, monkeypatch
     filler.unlink()
     monkeypatch.undo()
     assert main([*train_args(run), "--resume"]) == 0
-    assert losses(run) == reference
+    assert logged_losses(run) == reference
