@@ -8,16 +8,18 @@ CRASH_SIGNAL in the environment chooses how:
 - TERM, INT or USR1: it sends itself that signal and carries on, as a process does that a
   cluster or a user signals; the run then stops after its next step. With SAVE_SIGNALS=N,
   N more of the same signal arrive while that stop's checkpoint is being written (between
-  its files)."""
+  its files), each REPEAT_WINDOW seconds after the one before."""
 
 import os
 import signal
 import sys
+import time
 
 import reformer.checkpoint as checkpoint
 from reformer.cli import main
 from reformer.distributed import restart_count
 from reformer.training import register_callback
+from reformer.training.interrupt import REPEAT_WINDOW
 
 AT = int(sys.argv[1])
 HOW = os.environ.get("CRASH_SIGNAL")
@@ -50,6 +52,8 @@ def _signal_the_stop_save(count: int) -> None:
         entry = write(path, tensors)
         checkpoint._write_tensors = write
         for _ in range(count):
+            # apart, or they would count as one delivery (interrupt.REPEAT_WINDOW)
+            time.sleep(REPEAT_WINDOW + 0.1)
             os.kill(os.getpid(), getattr(signal, f"SIG{HOW}"))
         return entry
 

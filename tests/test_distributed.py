@@ -170,8 +170,9 @@ def test_sigterm_to_torchrun_stops_the_ranks_with_a_checkpoint(one_process, tmp_
         torchrun_command(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     deadline = time.time() + 180
-    while time.time() < deadline and agent.poll() is None:
-        if (out / "checkpoints" / "step-00000005").exists():
+    while time.time() < deadline and agent.poll() is None:  # early: the run has 20 steps
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and metrics.read_text().count("\n") >= 2:
             break
         time.sleep(0.05)
     agent.send_signal(signal.SIGTERM)

@@ -4,9 +4,11 @@ step, and --resume continues with the losses of an uninterrupted run; a second s
 that save changes nothing, a third aborts it and leaves the earlier checkpoints; a second
 writer is refused while a run is live; progress in a log file is plain lines."""
 
+import errno
 import fcntl
 import os
 import pty
+import select
 import signal
 import struct
 import subprocess
@@ -17,8 +19,10 @@ from pathlib import Path
 
 import pytest
 
+import reformer.training.interrupt as interrupt
 from helpers import logged_losses
 from reformer.checkpoint import latest_checkpoint, load_checkpoint
+from reformer.files import LOCK_FILE, RunDirectoryBusy, run_lock
 from reformer.training.interrupt import ABORT_AT, Interrupted, StopSignals
 
 CRASH_RUN = str(Path(__file__).with_name("crash_run.py"))
@@ -92,7 +96,15 @@ def test_more_signals_during_the_save(extra, reference, tmp_path):
     proc = reformer(*RUN, "--out", str(run), env=env, script=[CRASH_RUN, str(AT)])
     assert proc.returncode == 143, proc.stderr
     assert "Traceback" not in proc.stderr
+    said = [x for x in proc.stderr.splitlines() if "SIGTERM: " in x]
+    assert (
+        said[0] == "reformer train: SIGTERM: stopping after the step in progress, with a checkpoint"
+    )
+    assert (
+        said[1] == "reformer train: SIGTERM: already stopping; a third signal aborts without saving"
+    )
     if extra == ABORT_AT - 2:
+        assert len(said) == 2
         assert checkpoint_steps(run) == ["step-00000005", "step-00000007"]
     else:
         assert proc.stderr.strip().endswith("interrupted")
@@ -117,7 +129,7 @@ def test_sigterm_from_outside_and_a_second_writer(reference, tmp_path):
     run = tmp_path / "run"
     slow = train_args(steps=100_000, every=3)
     live = subprocess.Popen(
-        [sys.executable, "-m", "reformer", *slow, "--out", str(run)],
+        [sys.executable, "-m", "reformer", *slow, "--out", str(run), "--keep-checkpoints", "1000"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -162,10 +174,14 @@ def _wait_for(condition, timeout: float = 120) -> None:
 
 def test_progress_is_plain_lines_in_a_log_and_a_bar_on_a_terminal(tmp_path):
     args = [*train_args(steps=4, progress=True), "--log-every", "2"]
-    piped = reformer(*args, "--out", str(tmp_path / "a"))
+    piped = subprocess.run(
+        [sys.executable, "-m", "reformer", *args, "--out", str(tmp_path / "a")],
+        capture_output=True,
+        timeout=300,
+    )
     assert piped.returncode == 0
-    assert "\r" not in piped.stderr
-    lines = [x for x in piped.stderr.splitlines() if x.startswith("step ")]
+    assert b"\r" not in piped.stderr  # bytes: text mode would turn \r into \n
+    lines = [x for x in piped.stderr.decode().splitlines() if x.startswith("step ")]
     assert [x.split(":")[0] for x in lines] == ["step 2/4", "step 4/4"]
     main_fd, term = pty.openpty()
     fcntl.ioctl(term, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns
@@ -176,8 +192,10 @@ def test_progress_is_plain_lines_in_a_log_and_a_bar_on_a_terminal(tmp_path):
             stderr=term,
         )
         os.close(term)
-        out = b""
-        while True:
+        out, deadline = b"", time.time() + 300
+        while time.time() < deadline:
+            if not select.select([reader], [], [], 1.0)[0]:
+                continue
             try:
                 chunk = reader.read(4096)
             except OSError:  # the terminal closed with the process
@@ -185,20 +203,46 @@ def test_progress_is_plain_lines_in_a_log_and_a_bar_on_a_terminal(tmp_path):
             if not chunk:
                 break
             out += chunk
-    assert proc.wait() == 0
+    assert proc.wait(timeout=60) == 0
     assert b"\r" in out and b"train:" in out and b"step 2/4:" not in out
 
 
-def test_stop_signals_count_and_restore_handlers():
+def test_stop_signals_count_and_restore_handlers(monkeypatch):
     before = signal.getsignal(signal.SIGTERM)
     with StopSignals() as stop:
         assert not stop.requested
         os.kill(os.getpid(), signal.SIGUSR1)
         os.kill(os.getpid(), signal.SIGTERM)  # the second is noted, not acted on
+        os.kill(os.getpid(), signal.SIGTERM)  # within REPEAT_WINDOW: the same delivery
         assert stop.signum == signal.SIGUSR1 and stop.name == "SIGUSR1"
+        assert stop.count == 2
+        monkeypatch.setattr(interrupt, "REPEAT_WINDOW", 0.0)
         with pytest.raises(Interrupted, match="SIGTERM: signalled 3 times"):
             os.kill(os.getpid(), signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_the_lock_refuses_a_second_holder_and_cleans_up_after_the_first(tmp_path, monkeypatch):
+    run = tmp_path / "new"
+    with run_lock(run):
+        with pytest.raises(RunDirectoryBusy, match=f"pid {os.getpid()} on "), run_lock(run):
+            pass
+        assert (run / LOCK_FILE).exists()  # the refused writer removed nothing
+    assert not run.exists()  # the holder made it and nothing else was written into it
+    (tmp_path / "file").write_text("")
+    with (
+        pytest.raises(ValueError, match="is a file, not a run directory"),
+        run_lock(tmp_path / "file"),
+    ):
+        pass
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.warns(UserWarning, match="cannot lock files"), run_lock(tmp_path / "nfs"):
+        (tmp_path / "nfs" / "config.yaml").write_text("")
+    assert (tmp_path / "nfs" / "config.yaml").exists()
 
 
 def test_ctrl_c_in_other_verbs_exits_130_without_a_traceback(tmp_path, monkeypatch, capsys):

@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,8 +28,13 @@ WRITE_ERRORS = {
 
 
 def is_write_error(exc: BaseException) -> bool:
-    """Whether `exc` is an OSError that `WRITE_ERRORS` explains."""
-    return isinstance(exc, OSError) and exc.errno in WRITE_ERRORS
+    """Whether `exc` is an OSError raised while writing (inside `naming`) that
+    `WRITE_ERRORS` explains: a read that fails on permissions is not one."""
+    return (
+        isinstance(exc, OSError)
+        and exc.errno in WRITE_ERRORS
+        and getattr(exc, "while_writing", False)
+    )
 
 
 def write_error_message(exc: OSError) -> str:
@@ -39,13 +45,15 @@ def write_error_message(exc: OSError) -> str:
 
 @contextlib.contextmanager
 def naming(path: Path | str) -> Iterator[None]:
-    """Inside the block an OSError without a file name (write, flush and fsync raise those)
-    gets `path`'s, and safetensors' I/O errors become the OSError they wrap."""
+    """Inside the block (a write) an OSError is marked as a write's (`is_write_error`); one
+    without a file name (write, flush and fsync raise those) gets `path`'s, and safetensors'
+    I/O errors become the OSError they wrap."""
     try:
         yield
     except OSError as e:
         if e.filename is None and e.errno is not None:
-            raise OSError(e.errno, e.strerror, str(path)) from e
+            raise _written(OSError(e.errno, e.strerror, str(path))) from e
+        _written(e)
         raise
     except Exception as e:
         # safetensors reports "I/O error: No space left on device (os error 28)" as its own
@@ -54,7 +62,17 @@ def naming(path: Path | str) -> Iterator[None]:
         if type(e).__name__ != "SafetensorError" or code is None:
             raise
         num = int(code.group(1))
-        raise OSError(num, os.strerror(num), str(path)) from e
+        raise _written(OSError(num, os.strerror(num), str(path))) from e
+
+
+def write_failure(code: int, message: str, path: Path | str) -> OSError:
+    """The OSError of a write refused before it began (e.g. no room for a checkpoint)."""
+    return _written(OSError(code, message, str(path)))
+
+
+def _written(exc: OSError) -> OSError:
+    exc.while_writing = True  # type: ignore[attr-defined]
+    return exc
 
 
 def _umask() -> int:
@@ -111,27 +129,54 @@ def run_lock(run_dir: Path | str) -> Iterator[None]:
     """Hold `run_dir`'s lock (DIR/.lock, an OS lock: flock) inside the block; the directory is
     made if needed. The OS drops the lock when the holder exits however it exits (kill -9
     included), so a lock is never stale. A second holder gets RunDirectoryBusy naming the
-    first. A directory this call made and nothing else wrote into is removed again."""
+    first. A directory this call made and nothing else wrote into is removed again, by the
+    holder only. On a filesystem without flock the run goes on unlocked, with a warning."""
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--out {run_dir} is a file, not a run directory; choose another --out")
     made = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with naming(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, file_mode())
+    with naming(path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, file_mode())
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            raise RunDirectoryBusy(
-                f"{run_dir} is in use: {holder} is training into it; wait for it to end, "
-                "stop it (kill -TERM PID saves a checkpoint and exits), or choose another --out"
-            ) from None
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode(), 0)
+        locked = _flock(fd, run_dir)
         yield
     finally:
-        os.close(fd)  # releases the lock
-        if made and {p.name for p in run_dir.iterdir()} == {LOCK_FILE}:
+        # The holder removes a directory it made that holds nothing but the lock, the lock
+        # file first and while still holding it, so no waiter locks an unlinked file.
+        if made and locked and {p.name for p in run_dir.iterdir()} == {LOCK_FILE}:
             path.unlink(missing_ok=True)
-            run_dir.rmdir()
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+        os.close(fd)  # releases the lock
+
+
+#: flock errors of filesystems that do not support it (NFS without lockd, Lustre noflock)
+_NO_FLOCK = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+
+
+def _flock(fd: int, run_dir: Path) -> bool:
+    """Lock `fd` (and write who holds it); False when the filesystem cannot lock."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        raise RunDirectoryBusy(
+            f"{run_dir} is in use: {holder} is training into it; wait for it to end, "
+            "stop it (kill -TERM PID saves a checkpoint and exits), or choose another --out"
+        ) from None
+    except OSError as e:
+        if e.errno not in _NO_FLOCK:
+            raise
+        warnings.warn(
+            f"{run_dir}: this filesystem cannot lock files ({e.strerror}); the run goes on "
+            "without a lock, so do not start a second `reformer train` into it",
+            stacklevel=3,
+        )
+        return False
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode(), 0)
+    return True

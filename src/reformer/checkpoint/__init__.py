@@ -55,7 +55,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from ..files import naming
+from ..files import naming, write_failure
 from .codec import (
     _check_model_compat,
     _check_optimizer_compat,
@@ -224,19 +224,20 @@ SPACE_MARGIN = 1 << 20
 
 def _check_space(ckpt_root: Path, payload: Payload) -> None:
     """Refuse a save the filesystem has no room for before anything is written (ENOSPC,
-    naming the directory, the size needed and the space free)."""
+    naming the directory, the size needed and the space free). A filesystem that reports no
+    size at all (some FUSE and network mounts) is not checked."""
     need = SPACE_MARGIN + sum(
         len(v) if isinstance(v, bytes) else sum(t.numel() * t.element_size() for t in v.values())
         for v in payload.values()
     )
-    free = shutil.disk_usage(ckpt_root).free
-    if need > free:
+    usage = shutil.disk_usage(ckpt_root)
+    if usage.total > 0 and need > usage.free:
         mib = 1 << 20
-        raise OSError(
+        raise write_failure(
             errno.ENOSPC,
             f"No space left on device (the checkpoint needs {need / mib:,.1f} MiB, "
-            f"{free / mib:,.1f} MiB are free)",
-            str(ckpt_root),
+            f"{usage.free / mib:,.1f} MiB are free)",
+            ckpt_root,
         )
 
 

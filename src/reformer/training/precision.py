@@ -26,11 +26,11 @@ def cpu_flags() -> set[str]:
 def native_bf16(device: torch.device) -> str | None:
     """Why `device` multiplies bf16 natively (a flag or a device name), or None."""
     if device.type == "cuda":
-        return (
-            f"{torch.cuda.get_device_name(device)} has bf16"
-            if (torch.cuda.is_bf16_supported())
-            else None
-        )
+        # bf16 tensor cores from compute capability 8.0 (Ampere) on; earlier devices only
+        # emulate bf16 (torch.cuda.is_bf16_supported counts emulation), slower than fp32.
+        major, minor = torch.cuda.get_device_capability(device)
+        name = torch.cuda.get_device_name(device)
+        return f"{name} (sm_{major}{minor}) has bf16 tensor cores" if major >= 8 else None
     if device.type == "cpu":
         flags = cpu_flags()
         return next((f"this CPU has {f}" for f in BF16_CPU_FLAGS if f in flags), None)

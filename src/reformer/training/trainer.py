@@ -162,6 +162,7 @@ class Trainer:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.recipe = recipe_cls(cfg, rank, world_size, self.device)
         self.signals = StopSignals()
+        self.signals.announce = rank == 0
 
     def run(self) -> dict[str, Any]:
         """Set up, then train, log, evaluate and save step by step until cfg.steps, the time
@@ -184,14 +185,14 @@ class Trainer:
     # --- set-up --------------------------------------------------------------------------
     @contextlib.contextmanager
     def _holding_run_dir(self) -> Iterator[None]:
-        """Rank 0 holds the run directory's lock for the whole run; a refusal reaches every
-        rank (no rank waits for a rank 0 that gave up)."""
+        """Rank 0 holds the run directory's lock for the whole run; a refusal or an error
+        taking it reaches every rank (no rank waits for a rank 0 that gave up)."""
         with contextlib.ExitStack() as stack:
             refused = None
             if self.rank == 0:
                 try:
                     stack.enter_context(run_lock(self.cfg.out))
-                except ValueError as e:
+                except Exception as e:  # every rank raises it
                     refused = e
             if self.launched:
                 refused = broadcast_object(refused)
@@ -234,6 +235,7 @@ class Trainer:
             if line:
                 print(line, flush=True)
         wrapped, opt, sched = self._wrap(model, opt, sched, start)
+        model.train()  # whatever mode build_model or init_from left it in
         progress = Progress(cfg.steps, start, rank == 0 and cfg.progress)
         return _Loop(
             out, resolved, metrics, model, opt, sched, wrapped, start, progress, saved=ckpt
