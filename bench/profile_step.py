@@ -1,0 +1,127 @@
+"""Where the time of one LM training step goes, by operator (torch.profiler), in fp32 and
+under bf16 autocast: the issue's shape (1 layer, L = 16,384, d_model 256, 4 heads, d_ff 1024,
+vocab 256, LSH-4, chunk 64, reversible, batch 1, `model.loss` + backward), one profiled step
+after two warm-up steps, each precision in a fresh process.
+
+    python -m bench.profile_step [--length 16384] [--top 15]
+
+Prints the top operators by self CPU time with their share of the step, the matmul share
+(mm, bmm, addmm, baddbmm, matmul, linear) and the step's model-FLOP utilisation against the
+best 4096 x 4096 matmul in the same process and precision; writes
+bench/results/profile_step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+from bench._harness import RESULTS, command_line, environment, write_json
+
+MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::matmul")
+D, HEADS, D_FF, VOCAB, CHUNK, HASHES = 256, 4, 1024, 256, 64, 4
+
+
+def model_flops(length: int) -> float:
+    """6 x non-embedding matmul parameters x tokens + 3 x attention matmul FLOPs (the
+    issue's MFU definition; the reversible recompute is not credited)."""
+    params = 3 * D * D + 2 * D * D_FF + D * VOCAB
+    attention = 2 * 2 * length * (2 * CHUNK) * (D // HEADS) * HEADS * HASHES
+    return 6 * params * length + 3 * attention
+
+
+def matmul_rate(dtype) -> float:
+    import torch
+
+    a, b = torch.randn(4096, 4096, dtype=dtype), torch.randn(4096, 4096, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * 4096**3 / best
+
+
+def worker(precision: str, length: int, top: int) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from reformer import ReformerConfig, ReformerLM
+
+    torch.set_num_threads(2)
+    cfg = ReformerConfig(
+        vocab_size=VOCAB, d_model=D, n_heads=HEADS, d_ff=D_FF, n_layers=1,
+        max_seq_len=length, attention="lsh", n_hashes=HASHES, chunk_len=CHUNK,
+    )  # fmt: skip
+    model = ReformerLM(cfg)
+    ids = torch.randint(0, VOCAB, (1, length + 1))
+    bf16 = precision == "bf16"
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model.loss(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+
+    step(), step()
+    t = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - t
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    rows = sorted(
+        ({"op": e.key, "ms": e.self_cpu_time_total / 1e3, "calls": e.count} for e in events),
+        key=lambda r: -r["ms"],
+    )
+    matmul = sum(r["ms"] for r in rows if r["op"] in MATMULS)
+    rate = matmul_rate(torch.bfloat16 if bf16 else torch.float32)
+    return {
+        "precision": precision,
+        "step_s": seconds,
+        "self_ms": total / 1e3,
+        "matmul_share": matmul / (total / 1e3),
+        "matmul_gflops": rate / 1e9,
+        "mfu": model_flops(length) / (seconds * rate),
+        "top": rows[:top],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--length", type=int, default=16384)
+    p.add_argument("--top", type=int, default=15)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.length, args.top)))
+        return
+    print(command_line(), flush=True)
+    results = []
+    for precision in ("fp32", "bf16"):
+        cmd = [sys.executable, "-m", "bench.profile_step", "--worker", precision]
+        cmd += ["--length", str(args.length), "--top", str(args.top)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+        results.append(r)
+        print(
+            f"\n{precision}: step {r['step_s']:.3f} s, MFU {100 * r['mfu']:.1f}% of "
+            f"{r['matmul_gflops']:.0f} GFLOP/s, matmuls {100 * r['matmul_share']:.0f}% of "
+            f"{r['self_ms']:.0f} ms self time"
+        )
+        print("| operator | self ms | share | calls |\n|---|---|---|---|")
+        for row in r["top"]:
+            share = 100 * row["ms"] / r["self_ms"]
+            print(f"| {row['op']} | {row['ms']:.1f} | {share:.1f}% | {row['calls']} |")
+    write_json(
+        RESULTS / "profile_step.json",
+        {"command": command_line(), "env": environment(), "results": results},
+    )
+
+
+if __name__ == "__main__":
+    main()
