@@ -61,10 +61,10 @@ class StopSignals:
     one wins) instead of killing the process; `stop.requested` says whether one came. The
     previous handlers come back on exit. `request(signum)` does what a signal does."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = False) -> None:
         self.signum: int | None = None
         self.count = 0
-        self.announce = False  # say on stderr what each signal does (the Trainer's rank 0)
+        self.announce = announce  # say on stderr what each signal does (the Trainer's rank 0)
         self._last: tuple[int, float] | None = None  # the last counted signal and its time
         self._previous: dict[int, object] = {}
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -161,8 +162,7 @@ class Trainer:
         self.device = local_device(device) if self.launched else device
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.recipe = recipe_cls(cfg, rank, world_size, self.device)
-        self.signals = StopSignals()
-        self.signals.announce = rank == 0
+        self.signals = StopSignals(announce=rank == 0)
 
     def run(self) -> dict[str, Any]:
         """Set up, then train, log, evaluate and save step by step until cfg.steps, the time
@@ -444,7 +444,7 @@ class Trainer:
             return
         raise RunStopped(
             loop.signum,
-            f"stopped by {_signal_name(loop.signum)} after step {loop.step}: saved "
+            f"stopped by {signal.Signals(loop.signum).name} after step {loop.step}: saved "
             f"{loop.saved}; resume with: {self._resume_command(loop)}",
             rank=self.rank,
         )
@@ -472,9 +472,3 @@ class Trainer:
                 else "no checkpoint was written yet: start the run again after the fix"
             )
             raise RunWriteFailed(f"{write_error_message(e)}; {after}") from e
-
-
-def _signal_name(signum: int) -> str:
-    import signal
-
-    return signal.Signals(signum).name
