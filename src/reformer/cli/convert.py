@@ -91,7 +91,8 @@ def _import(args: ConvertArgs) -> int:
         )
     cfg = TrainConfig(
         model=cfg_m, task=task, data=args.data, seq_len=seq_len, out=str(out),
-        byte_offset=offset, tokenizer=tokenizer, steps=1, eval_hashes=(),
+        byte_offset=offset, steps=1, eval_hashes=(),
+        **({"tokenizer": tokenizer} if tokenizer else {}),  # (a field of task text only)
     )  # fmt: skip
     resolved = config_to_dict(cfg)
     out.mkdir(parents=True, exist_ok=True)

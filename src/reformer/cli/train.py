@@ -1,7 +1,7 @@
 """`reformer train`: the configuration from the command line (defaults < --preset <
---config FILE < flags, resolved into a TrainConfig; `reformer plan` reads the same layers),
-then the run, and its final evaluation (for LSH language models, with each of
---eval-hashes hash-round counts)."""
+--config FILE < flags, resolved into the config class of the run's task; `reformer plan`
+reads the same layers), then the run, and its final evaluation (for LSH language models,
+with each of --eval-hashes hash-round counts)."""
 
 from __future__ import annotations
 
@@ -18,11 +18,14 @@ from ..run_config import (
     PRESETS,
     TrainConfig,
     _merge,
+    config_class,
     config_from_dict,
+    config_to_dict,
     load_config_file,
     preset_dict,
-    unused_fields,
+    saved_config_from_dict,
 )
+from ..run_config.tasks import any_task_paths, refusal, task_paths
 from ..tasks.lm.recipe import hash_table, task_of
 from ..training import train
 from ..training.common import resolve_device
@@ -31,12 +34,14 @@ from ..training.runs import load_run
 
 
 def parse_train_args(argv: list[str]) -> TrainConfig:
-    """`reformer train` flags -> the resolved TrainConfig (defaults < preset < file < flags).
+    """`reformer train` flags -> the resolved config of the run's task (defaults < preset <
+    file < flags), an instance of its class in `run_config.TASK_CONFIGS`.
 
     A pre-scan (argparse's parse_known_args, every other flag left alone) finds --preset,
-    --config and --init-from first: they choose tyro's defaults, and tyro needs its defaults
-    before it parses. tyro alone parses the flags, these three included (TrainConfig has
-    them as fields).
+    --config, --init-from and --task first: the first three give tyro its defaults, and the
+    task (the flag's, else the layers') chooses the class whose flags tyro builds. A flag of
+    a field that task does not read is refused by name before tyro sees it. tyro alone
+    parses the flags, these four included (the config classes have them as fields).
     """
     for arg in argv:
         if (new := moved_compat_flag(arg)) is not None:
@@ -44,40 +49,68 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
                 f"{arg}: the transformers-compatibility switches are in model.compat now; use {new}"
             )
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset")
-    pre.add_argument("--config")
+    for flag in ("--preset", "--config", "--task"):
+        pre.add_argument(flag)
     pre.add_argument("--init-from", "--init_from", dest="init_from")
     known, _ = pre.parse_known_args(argv)
-    layers: dict = {}
-    if known.init_from:
-        # The architecture comes with the weights: their run's model config is the base.
-        from ..checkpoint import read_checkpoint_config, resolve_checkpoint
-
-        ckpt = resolve_checkpoint(known.init_from)
-        saved = read_checkpoint_config(ckpt)
-        layers = {k: saved[k] for k in ("model", "task", "byte_offset") if k in saved}
-        if layers.get("task") == "translation":
-            layers["translation"] = saved.get("translation", {})
-        if saved.get("tokenizer"):  # the init run's tokenizer file, wherever that run is
-            tok = Path(saved["tokenizer"])
-            in_run = ckpt.parent.parent / tok
-            layers["tokenizer"] = str(in_run.resolve() if in_run.exists() else tok)
-    if known.preset:
-        layers = _merge(layers, preset_dict(known.preset))
-    if known.config:
-        layers = _merge(layers, load_config_file(known.config) | {"config": known.config})
-    # The layers below the flags are checked for unused fields only once the flags (which
-    # may change the task) are applied: tyro builds the final config with the rule on.
-    with unused_fields("defer"):
-        default = config_from_dict(layers, where=known.config or "preset")
+    layers = _layers(known.init_from, known.preset, known.config)
+    if known.task:
+        layers["task"] = known.task
+    cls = config_class(layers.get("task", "duplication"))
+    _refuse_unread_flags(cls, argv)
+    # A --task flag may need other flags to complete the layers' config for it (--task mlm
+    # --model.no-causal): the run's own checks then wait for tyro's final construction.
+    default = config_from_dict(layers, where=known.config or "preset", check=not known.task)
     return tyro.cli(
-        TrainConfig,
+        cls,
         default=default,
         args=argv,
         prog="reformer train",
         description="Train a Reformer. Layers: defaults < --preset < --config FILE < flags. "
+        f"The flags below are those of task {cls.task!r} (`--task T --help` lists task T's). "
         "`--list-presets` lists the presets.",
     )
+
+
+def _layers(init_from: str | None, preset: str | None, config: str | None) -> dict:
+    """The layers below the flags, merged: --init-from's model (and the fields that its
+    task's data need), < --preset < --config."""
+    layers: dict = {}
+    if init_from:
+        # The architecture comes with the weights: their run's model config is the base.
+        from ..checkpoint import read_checkpoint_config, resolve_checkpoint
+
+        ckpt = resolve_checkpoint(init_from)
+        saved = config_to_dict(saved_config_from_dict(read_checkpoint_config(ckpt)))
+        layers = {k: saved[k] for k in ("model", "task", "translation") if k in saved}
+        if saved.get("byte_offset"):
+            layers["byte_offset"] = saved["byte_offset"]
+        if saved.get("tokenizer"):  # the init run's tokenizer file, wherever that run is
+            tok = Path(saved["tokenizer"])
+            in_run = ckpt.parent.parent / tok
+            layers["tokenizer"] = str(in_run.resolve() if in_run.exists() else tok)
+    if preset:
+        layers = _merge(layers, preset_dict(preset))
+    if config:
+        layers = _merge(layers, load_config_file(config) | {"config": config})
+    return layers
+
+
+def _refuse_unread_flags(cls: type[TrainConfig], argv: list[str]) -> None:
+    """A ValueError naming each flag of a field that task `cls.task` does not read (but
+    another task does); a flag no task has is left to tyro."""
+    own, unread = task_paths()[cls.task], []
+    for arg in argv:
+        if not arg.startswith("--"):
+            continue
+        path = arg[2:].split("=", 1)[0].replace("-", "_")
+        section, _, name = path.rpartition(".")
+        if name.startswith("no_"):  # a boolean's --no- form: --model.no-causal
+            path = f"{section}.{name[3:]}".lstrip(".") if path not in own else path
+        if path not in own and path in any_task_paths():
+            unread.append(path)
+    if unread:
+        raise refusal(cls.task, unread)
 
 
 def cmd_train(argv: list[str]) -> int:

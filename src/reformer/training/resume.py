@@ -9,7 +9,7 @@ from typing import Any
 
 from ..checkpoint import latest_checkpoint, read_checkpoint_config, read_checkpoint_state
 from ..distributed import broadcast_object, restart_count, torchrun_env
-from ..run_config import config_from_dict, config_to_dict, unused_fields
+from ..run_config import config_to_dict, saved_config_from_dict
 from .recipe import Recipe
 
 
@@ -69,9 +69,9 @@ def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
     import warnings
 
     try:
-        with unused_fields("reset"), warnings.catch_warnings():
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return config_to_dict(config_from_dict(saved))
+            return config_to_dict(saved_config_from_dict(saved))
     except (TypeError, ValueError):
         return saved
 

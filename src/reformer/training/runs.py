@@ -14,15 +14,15 @@ from ..checkpoint import (
     resolve_checkpoint,
 )
 from ..model import ReformerLM
-from ..run_config import TrainConfig, config_from_dict, unused_fields
+from ..run_config import TrainConfig, saved_config_from_dict
 
 
 def saved_run_config(ckpt: Path) -> TrainConfig:
     """The run config saved in checkpoint directory `ckpt`, its `out` pointing at the run
     directory wherever that is now. Raises CheckpointError when it is not a run config."""
     try:
-        with unused_fields("reset"):  # runs saved before unused fields were refused
-            cfg = config_from_dict(read_checkpoint_config(ckpt), where=f"{ckpt}/config.json")
+        # (leniently: older versions saved, and allowed, fields the task does not read)
+        cfg = saved_config_from_dict(read_checkpoint_config(ckpt), where=f"{ckpt}/config.json")
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{ckpt}: its saved config is not a reformer run config ({e})") from e
     if ckpt.parent.name == "checkpoints":
