@@ -218,12 +218,14 @@ class _LSHCore(torch.autograd.Function):
         top_all = torch.empty(BH * S, dtype=stat, device=q.device)
         scale_all = torch.empty(BH * S, dtype=stat, device=q.device)
         q_f, k_f, v_f = (_rows(x) for x in (q, k, v))
-        bufs = _SliceBuffers(q_f, layout, BH * R * N, stat)
+        bufs = _SliceBuffers(q_f, layout, BH * R * N)
         groups = row_slices(BH, S * D, GROUP_ENTRIES)
         G_max = groups[0].stop - groups[0].start
         o_all = q.new_empty(G_max * S, D)  # per sorted slot: its round's output
         total_all = torch.empty(G_max * S, dtype=stat, device=q.device)
-        out_all, o_r_all = q.new_empty(G_max * Lp, D), q.new_empty(G_max * Lp, D)
+        # The rounds are mixed in the statistics dtype (float32 for half-precision inputs).
+        out_all = torch.empty(G_max * Lp, D, dtype=stat, device=q.device)
+        o_r_all = q.new_empty(G_max * Lp, D)
         for g in groups:
             G, rows = g.stop - g.start, slice(g.start * R * N, g.stop * R * N)
             flat = slice(g.start * S, g.stop * S)
@@ -241,8 +243,8 @@ class _LSHCore(torch.autograd.Function):
             scale_all[flat] = w_u.view(-1).new_empty(G * S).index_copy_(0, undo, w_u.view(-1))
             scale_all[flat] /= total_s
             out_g, o_r = out_all[: G * Lp].view(G, Lp, D), o_r_all[: G * Lp]
-            _mix_rounds(o_s, w_u.to(q.dtype), undo, out_g, o_r)
-            out.view(-1, D).index_copy_(0, rows_g, out_g.view(-1, D))
+            _mix_rounds(o_s, w_u, undo, out_g, o_r)
+            out.view(-1, D).index_copy_(0, rows_g, out_g.view(-1, D).to(q.dtype))
         out = out.transpose(1, 2)
         ctx.save_for_backward(q, k, v, codes, src, top_all, scale_all, out)
         ctx.layout, ctx.kernels = layout, kernels
@@ -261,10 +263,10 @@ class _LSHCore(torch.autograd.Function):
         # dS = P * (dO . v_j - dO . O): the softmax backward over the union.
         dot = _rows((upcast(d_out) * upcast(out)).sum(-1, keepdim=True)).view(-1)
         q_f, k_f, v_f, do_f = (_rows(x) for x in (q, k, v, d_out))
-        dq, dk, dv = (
-            torch.zeros_like(x, memory_format=torch.contiguous_format) for x in (q_f, k_f, v_f)
-        )
-        bufs = _SliceBuffers(q_f, layout, BH * R * N, stat)
+        # Gradients accumulate over rounds and windows in the statistics dtype (float32 for
+        # half-precision inputs); each slice's bmm results (in the inputs' dtype) add to them.
+        dq, dk, dv = (torch.zeros(x.shape, dtype=stat, device=x.device) for x in (q_f, k_f, v_f))
+        bufs = _SliceBuffers(q_f, layout, BH * R * N)
         around = W - C  # the key slots a buffer holds besides the slice's own
         do_t, dq_t, dk_t, dv_t = bufs.new(0), bufs.new(0), bufs.new(around), bufs.new(around)
         dot_t = dot.new_empty(bufs.max_rows * C)
@@ -290,24 +292,31 @@ class _LSHCore(torch.autograd.Function):
                     dp,
                     torch.index_select(dot, 0, idx, out=dot_t[:n]).view(m, C),
                 )
-                ds, p = ds.to(q.dtype), p.to(v.dtype)
-                dq.index_add_(0, idx, torch.bmm(ds, kw, out=dq_t[:n].view(m, C, D)).view(n, D))
+                _add_rows(dq, idx, torch.bmm(ds, kw, out=dq_t[:n].view(m, C, D)).view(n, D))
                 # Keys and values of the windows: block b of every window is buffer slots
-                # [bC, bC + n) of the slice's key buffer, so one bmm per block adds them all.
+                # [bC, bC + n) of the slice's key buffer, so one bmm per block adds them all
+                # (block 0 writes slots [0, n), the others add; only the rest starts at 0).
                 for grad, buf, x, y in ((dk, dk_t, ds, qt), (dv, dv_t, p, do)):
                     buf = buf[: around + n]
-                    buf.zero_()
+                    buf[n:].zero_()
                     for b in range(W // C):
                         blk = x[:, :, b * C : (b + 1) * C].transpose(1, 2)
-                        buf[b * C : b * C + n].view(m, C, D).baddbmm_(blk, y)
+                        at_b = buf[b * C : b * C + n].view(m, C, D)
+                        torch.bmm(blk, y, out=at_b) if b == 0 else at_b.baddbmm_(blk, y)
                     if back is not None:  # the wrap: the head's last C slots
-                        grad.index_add_(0, back, buf[:C])
-                        grad.index_add_(0, idx, buf[C:])
+                        _add_rows(grad, back, buf[:C])
+                        _add_rows(grad, idx, buf[C:])
                     else:  # the slots around the slice that exist (the rest is filler)
                         lo, hi, at = _key_range(a, n, src_g.numel(), layout)
-                        grad.index_add_(0, src_g[lo:hi], buf[at : at + hi - lo])
-        dq, dk, dv = (x.view(B, Lp, H, D).transpose(1, 2) for x in (dq, dk, dv))
+                        _add_rows(grad, src_g[lo:hi], buf[at : at + hi - lo])
+        dq, dk, dv = (x.to(q.dtype).view(B, Lp, H, D).transpose(1, 2) for x in (dq, dk, dv))
         return dq, dk, dv, None, None, None, None
+
+
+def _add_rows(grad: Tensor, index: Tensor, rows: Tensor) -> None:
+    """grad[index] += rows, rows rounded up to grad's dtype (a half-precision slice's bmm
+    result into a float32 accumulator)."""
+    grad.index_add_(0, index, rows if rows.dtype == grad.dtype else rows.to(grad.dtype))
 
 
 def _attend_rounds(
@@ -372,27 +381,22 @@ def _mix_rounds(o_s: Tensor, w: Tensor, undo: Tensor, out_g: Tensor, o_r: Tensor
 
 class _SliceBuffers:
     """Reused per-slice buffers: a slice's queries (m C, D), and its keys and values with the
-    slots around it (W - C + m C, D), gathered in sorted order; two (m, C, W) score tiles."""
+    slots around it (W - C + m C, D), gathered in sorted order; two (m, C, W) score tiles in
+    the inputs' dtype (bmm writes them; the tile kernels compute in float32 or wider)."""
 
-    def __init__(self, like: Tensor, layout: Layout, rows: int, stat: torch.dtype) -> None:
+    def __init__(self, like: Tensor, layout: Layout, rows: int) -> None:
         C, W = layout.chunk_len, layout.width
         self.like, self.C, self.layout = like, C, layout
         self.max_rows = min(rows, slice_rows(C * W))
         self.qt, self.kt, self.vt = self.new(0), self.new(W - C), self.new(W - C)
-        # bmm writes straight into the tiles when it computes in their dtype (else upcast)
-        self.tiles = [
-            like.new_empty(self.max_rows, C, W) if like.dtype == stat else None for _ in range(2)
-        ]
+        self.tiles = [like.new_empty(self.max_rows, C, W) for _ in range(2)]
 
     def new(self, extra: int) -> Tensor:
         return self.like.new_empty(extra + self.max_rows * self.C, self.like.shape[-1])
 
     def scores(self, which: int, a: Tensor, b: Tensor) -> Tensor:
-        """a (m, C, D) @ b (m, W, D)^T into score tile `which` (in the statistics dtype)."""
-        tile = self.tiles[which]
-        if tile is None:
-            return upcast(torch.bmm(a, b.transpose(1, 2)))
-        return torch.bmm(a, b.transpose(1, 2), out=tile[: a.shape[0]])
+        """a (m, C, D) @ b (m, W, D)^T into score tile `which`."""
+        return torch.bmm(a, b.transpose(1, 2), out=self.tiles[which][: a.shape[0]])
 
     def gather(self, q_f: Tensor, k_f: Tensor, v_f: Tensor, src: Tensor, a: int, m: int, back):
         """Slots [a, a + m C) of `src`: queries (m, C, D); key and value windows (m, W, D).

@@ -91,6 +91,7 @@ def eager_backward(
 
 
 def _fused_scores(s: Tensor, code: Tensor, self_at: int) -> tuple[Tensor, Tensor]:
+    s = s.to(torch.promote_types(s.dtype, torch.float32))  # half tiles: fp32 arithmetic
     n = code.to(s.dtype)  # (comparing the int8 codes directly defeats vectorisation)
     cand = n > 0
     weight = torch.where(cand, 1.0 / n, 0.0)
@@ -106,7 +107,7 @@ def _fused_forward(
     s_, weight = _fused_scores(s, code, self_at)
     top = s_.amax(dim=-1)
     p = torch.exp((s_ - top[..., None]).clamp(min=EXP_FLOOR)) * weight
-    total = p.sum(dim=-1).clamp(min=torch.finfo(s.dtype).tiny)
+    total = p.sum(dim=-1).clamp(min=torch.finfo(s_.dtype).tiny)
     s.copy_(p / total[..., None])
     top_out.copy_(top)
     total_out.copy_(total)
@@ -188,9 +189,24 @@ def resolve_kernel(kernel: str, slots: int, device: torch.device) -> bool:
     return _compile_failed is None and slots >= AUTO_COMPILE_SLOTS and compiler_available(device)
 
 
+def _eager_on_half(name: str, s: Tensor, code: Tensor, self_at: int, *rows: Tensor):
+    """The eager kernels on half-precision tiles (bf16, fp16): the arithmetic in float32, as
+    the compiled kernels do it, and the results rounded back into the caller's tiles."""
+    if name == "forward":
+        s.copy_(eager_forward(s.float(), code, self_at, *rows))
+        return s
+    top, scale, dp, dot = rows
+    ds, p = eager_backward(s.float(), code, self_at, top, scale, dp.float(), dot)
+    return dp.copy_(ds), s.copy_(p)
+
+
 def run(fused: bool, auto: bool, name: str, *args):
     """Calls the `name` ("forward" or "backward") kernel. A compilation failure under "auto"
-    warns once and switches this process to eager; under "compiled" it propagates."""
+    warns once and switches this process to eager; under "compiled" it propagates.
+
+    The score tiles may be float32, float64 or half precision (bf16, fp16: the bmm that made
+    them computes in that dtype); the row statistics are float32 at least, and the
+    arithmetic of every kernel is in float32 or wider."""
     global _compile_failed
     if fused:
         try:
@@ -205,6 +221,8 @@ def run(fused: bool, auto: bool, name: str, *args):
                 RuntimeWarning,
                 stacklevel=2,
             )
+    if args[0].dtype in (torch.float16, torch.bfloat16):
+        return _eager_on_half(name, *args)
     return (eager_forward if name == "forward" else eager_backward)(*args)
 
 
@@ -215,12 +233,10 @@ def warm_up(chunk_len: int, dtype: torch.dtype, device: torch.device | str = "cp
     device = torch.device(device)
     if not resolve_kernel("auto", AUTO_COMPILE_SLOTS, device):
         return False
-    if dtype in (torch.float16, torch.bfloat16):
-        dtype = torch.float32  # scores are upcast before the tile kernels see them
     C = chunk_len
-    s = torch.zeros(2, C, 2 * C, dtype=dtype, device=device)
+    s = torch.zeros(2, C, 2 * C, dtype=dtype, device=device)  # the tiles: the inputs' dtype
     code = torch.ones(2, C, 2 * C, dtype=torch.int8, device=device)
-    row = torch.ones(2, C, dtype=dtype, device=device)
+    row = torch.ones(2, C, dtype=torch.promote_types(dtype, torch.float32), device=device)
     run(True, True, "forward", s, code, C, row.clone(), row.clone())
     run(True, True, "backward", s, code, C, row, row, s.clone(), row)
     return _compile_failed is None
