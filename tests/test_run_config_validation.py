@@ -138,3 +138,55 @@ def test_lm_tasks_refuse_translation_fields(tmp_path, capsys):
         TrainConfig(task="duplication", data="some/file")
     with pytest.raises(ValueError, match="image_side"):
         TrainConfig(task="enwik8", image_side=16)
+
+
+def test_each_task_class_has_only_the_fields_it_reads():
+    from dataclasses import fields
+
+    from reformer.run_config import TASK_CONFIGS, TranslationRun
+
+    have = {t: {f.name for f in fields(cls)} for t, cls in TASK_CONFIGS.items()}
+    assert [t for t in have if "image_side" in have[t]] == ["images"]
+    assert [t for t in have if "byte_offset" in have[t]] == ["enwik8", "text"]
+    assert [t for t in have if "tokenizer" in have[t]] == ["text", "classify"]
+    assert [t for t in have if "translation" in have[t]] == ["translation"]
+    assert {t for t in have if "data" not in have[t]} == {"duplication", "listops"}
+    assert "seq_len" not in have["translation"] and "eval_hashes" not in have["mlm"]
+    assert "vocab_size" not in {f.name for f in fields(TranslationRun().model)}
+    assert TrainConfig(task="images", image_side=16).image_side == 16
+
+
+def test_old_saved_configs_with_every_tasks_fields_still_load(recwarn):
+    """Configs saved before one class per task hold every task's fields (at their defaults
+    unless set): they load, the fields their task does not read left out."""
+    from reformer.config import ReformerConfig
+    from reformer.run_config import config_to_dict, saved_config_from_dict
+
+    everything = {  # what the single TrainConfig of earlier versions saved
+        "translation": config_to_dict(TranslationConfig()), "data": None, "seq_len": 1024,
+        "image_side": 64, "eval_hashes": [1, 2, 4, 8], "byte_offset": 0, "tokenizer": None,
+        "encoder": {"mask_rate": 0.15, "mask_token": 0.8, "random_token": 0.1,
+                    "pooling": "mean", "vocab": "bytes", "spm_vocab_size": 2000,
+                    "listops_train": 10000, "listops_val": 1000, "listops_min_len": 32,
+                    "listops_max_depth": 10, "listops_max_args": 10, "listops_seed": 0},
+        "model": config_to_dict(ReformerConfig()),
+    }  # fmt: skip
+    encoder = everything["model"] | {"causal": False}
+    for task in ("duplication", "enwik8", "images", "translation", "listops"):
+        model = encoder if task == "listops" else everything["model"]
+        cfg = saved_config_from_dict(everything | {"task": task, "model": model})
+        assert cfg.task == task and config_from_dict(config_to_dict(cfg)) == cfg
+    assert not recwarn.list  # all at their defaults: nothing to say
+    cfg = saved_config_from_dict(everything | {"task": "translation", "seq_len": 64})
+    assert "seq_len" in str(recwarn.pop(UserWarning).message)
+    with pytest.raises(ValueError, match="seq_len"):
+        config_from_dict(everything | {"task": "translation"})
+
+
+def test_a_task_flag_can_be_completed_by_other_flags():
+    from reformer.cli.train import parse_train_args
+
+    cfg = parse_train_args(["--task", "mlm", "--model.no-causal", "--encoder.mask-rate", "0.2"])
+    assert type(cfg).__name__ == "MLMRun" and cfg.encoder.mask_rate == 0.2
+    with pytest.raises(ValueError, match=r"task 'mlm' does not use encoder\.pooling"):
+        parse_train_args(["--task", "mlm", "--model.no-causal", "--encoder.pooling", "first"])
