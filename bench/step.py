@@ -13,6 +13,14 @@ heads of 64, at --layers (1 and 6) and --lengths (16K and 64K):
                       F.scaled_dot_product_attention, full logits): the ratios' baseline
 
     python -m bench.step [--lengths 16384 65536] [--layers 1 6] [--configs ...]
+                         [--precisions fp32 bf16]
+
+Ours and sdpa run in every --precisions entry (bf16: autocast, as `reformer train
+--precision bf16`); the peers in fp32 only. "x sdpa" compares each row with the sdpa model
+in the row's own precision. "MFU" (model-FLOP utilisation) is the step's model FLOPs (6 x
+non-embedding matmul parameters x tokens + 3 x attention matmul FLOPs, the reversible
+recompute not credited; `model_flops`) over its time x the best 4096 x 4096 matmul rate in
+the row's precision, measured in the same worker.
 
 Each (configuration, layers, L) runs in fresh processes (bench/_harness.py: run_measured;
 peak RSS above the memory before the step); "x sdpa" is its time over the sdpa model's at
@@ -43,6 +51,7 @@ from bench._harness import (
     run_measured,
     setup_worker,
     skip_reason,
+    sync,
     warm_lsh_kernels,
     write_json,
 )
@@ -82,6 +91,33 @@ class DenseLM(nn.Module):
             x = x + b["out"](a.transpose(1, 2).reshape(B, L, D))
             x = x + b["ff"](b["n2"](x))
         return self.head(self.norm(x))
+
+
+def model_flops(config: str, layers: int, length: int) -> float:
+    """Model FLOPs of one step: 6 x non-embedding matmul parameters x tokens + 3 x the
+    attention matmuls' forward FLOPs (QK^T and PV: 2 x 2 x queries x keys x d_head x heads);
+    LSH attends to 2 chunks per query per hash round, dense causal SDPA to L / 2 keys on
+    average."""
+    d_head = D // HEADS
+    qkv = 3 * D * D if config == "sdpa" else 2 * D * D  # shared QK: qk and v
+    params = layers * (qkv + D * D + 2 * D * D_FF) + D * VOCAB
+    keys = length / 2 if config == "sdpa" else 2 * CHUNK * HASHES
+    attention = layers * 2 * 2 * length * keys * d_head * HEADS
+    return 6 * params * length + 3 * attention
+
+
+def matmul_rate(dtype: torch.dtype, device: torch.device) -> float:
+    """The best of five 4096 x 4096 matmuls in dtype, FLOP/s: the MFU's ceiling."""
+    a = torch.randn(4096, 4096, dtype=dtype, device=device)
+    b = torch.randn(4096, 4096, dtype=dtype, device=device)
+    best = float("inf")
+    for _ in range(6):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * 4096**3 / best
 
 
 def build(config: str, layers: int, length: int):
@@ -138,28 +174,44 @@ def worker(args: dict[str, Any]) -> dict[str, Any]:
     length, config = args["length"], args["config"]
     model, loss_fn = build(config, args["layers"], length)
     model = model.to(device).train()
+    bf16 = args.get("precision", "fp32") == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
     if config == "ours":
-        warm_lsh_kernels(device, torch.float32, CHUNK)
+        warm_lsh_kernels(device, dtype, CHUNK)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, VOCAB, (1, length + 1), device=device)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss_fn(model, ids).backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(model, ids)
+        loss.backward()
         opt.step()
 
-    return measure(step, args, device)
+    out = measure(step, args, device)
+    if "seconds" in out:
+        rate = matmul_rate(dtype, device)
+        out["matmul_gflops"] = rate / 1e9
+        out["mfu"] = model_flops(config, args["layers"], length) / (out["seconds"] * rate)
+    return out
 
 
 def run(ns: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     t_start = time.monotonic()
+    runs = [
+        (config, precision)
+        for precision in ns.precisions
+        for config in ns.configs
+        if precision == "fp32" or config in ("ours", "sdpa")
+    ]
     for layers in ns.layers:
-        history: dict[str, list[tuple[int, float, float]]] = {c: [] for c in ns.configs}
+        history: dict[tuple[str, str], list[tuple[int, float, float]]] = {r: [] for r in runs}
         for length in sorted(ns.lengths):
-            for config in ns.configs:
-                row: dict[str, Any] = {"config": config, "layers": layers, "length": length}
-                hist = history[config]
+            for config, precision in runs:
+                row: dict[str, Any] = {"config": config, "precision": precision}
+                row |= {"layers": layers, "length": length}
+                hist = history[config, precision]
                 exp = 2.0 if config == "sdpa" else 1.0
                 pred_s = extrapolate([(n, s) for n, s, _ in hist], length, exp)
                 pred_m = extrapolate([(n, m) for n, _, m in hist], length, 1.0)
@@ -170,7 +222,7 @@ def run(ns: argparse.Namespace) -> list[dict[str, Any]]:
                     row["skipped"] = reason
                 else:
                     args = dict(config=config, layers=layers, length=length, repeats=ns.repeats)
-                    args |= dict(threads=ns.threads, device=ns.device, dtype="float32")
+                    args |= dict(threads=ns.threads, device=ns.device, precision=precision)
                     one = pred_s is not None and pred_s > ns.one_process_above
                     timeout = 600 + 4 * (ns.repeats + 2) * (pred_s or ns.max_seconds)
                     row |= run_measured("bench.step", args, timeout, ns.device, one)
@@ -185,9 +237,12 @@ def run(ns: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    base = {(r["layers"], r["length"]): r for r in rows if r["config"] == "sdpa" and "seconds" in r}
+    def key(r: dict[str, Any]) -> tuple:
+        return r["layers"], r["length"], r.get("precision", "fp32")
+
+    base = {key(r): r for r in rows if r["config"] == "sdpa" and "seconds" in r}
     for r in rows:
-        b = base.get((r["layers"], r["length"]))
+        b = base.get(key(r))
         if "seconds" in r and b:
             r["x_sdpa"] = r["seconds"] / b["seconds"]
             r["mem_x_sdpa"] = r["peak_mib"] / b["peak_mib"]
@@ -208,6 +263,9 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 65536])
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 6])
     parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
+    parser.add_argument(
+        "--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"]
+    )
     parser.add_argument("--max-mem-gib", type=float, default=16.0)
     parser.add_argument("--max-seconds", type=float, default=900.0, help="per step")
     parser.add_argument("--one-process-above", type=float, default=60.0)
@@ -218,8 +276,9 @@ def main() -> None:
         return
     print("reproduce with:", command_line(), flush=True)
     rows = run(ns)
-    cols = [("config", "config"), ("layers", "layers"), ("L", "length"), ("s", "seconds")]
-    cols += [("x sdpa", "x_sdpa"), ("peak MiB", "peak_mib"), ("mem x sdpa", "mem_x_sdpa")]
+    cols = [("config", "config"), ("precision", "precision"), ("layers", "layers")]
+    cols += [("L", "length"), ("s", "seconds"), ("MFU", "mfu"), ("x sdpa", "x_sdpa")]
+    cols += [("peak MiB", "peak_mib"), ("mem x sdpa", "mem_x_sdpa")]
     cols += [("timed", "timed"), ("skipped", "skipped"), ("error", "error")]
     print(markdown_table(rows, cols))
     print("wrote", RESULTS / f"{ns.name}.json")

@@ -23,6 +23,33 @@ def _add_grads(acc: list[Tensor | None], new: list[Tensor | None]) -> list[Tenso
     return [a if b is None else (b if a is None else a + b) for a, b in zip(acc, new)]
 
 
+def _projection_grads(
+    projections: list[nn.Linear], grads: list[Tensor], n: Tensor, acc: dict[int, Tensor]
+) -> Tensor:
+    """For outputs y_i = n W_i^T + b_i with gradients grads[i] (B, l, out_i): adds each
+    weight's and bias's gradient into acc (by id, in the parameter's dtype) and returns n's
+    gradient (B, l, d), sum_i grads[i] W_i. Matmuls run in the autocast dtype when autocast
+    is on, as the forward's did."""
+    d_n = None
+    flat_n = n.reshape(-1, n.shape[-1])
+    for lin, g in zip(projections, grads):
+        w, b = lin.weight, lin.bias
+        w_c = w if g.dtype == w.dtype or w.dtype == torch.float64 else w.to(g.dtype)
+        term = torch.matmul(g, w_c)
+        d_n = term if d_n is None else d_n + term
+        flat_g = g.reshape(-1, g.shape[-1])
+        if w.requires_grad:
+            _accumulate(acc, w, torch.matmul(flat_g.t(), flat_n))
+        if b is not None and b.requires_grad:
+            _accumulate(acc, b, flat_g.sum(0))
+    return d_n
+
+
+def _accumulate(acc: dict[int, Tensor], p: nn.Parameter, grad: Tensor) -> None:
+    grad = grad.to(p.dtype)
+    acc[id(p)] = grad if id(p) not in acc else acc[id(p)] + grad
+
+
 class ReformerBlock(nn.Module):
     """One layer: F = attention, G = chunked feed-forward, each pre-normalised."""
 
@@ -129,23 +156,25 @@ class ReformerBlock(nn.Module):
 
     def _attn_input_vjp(self, x: Tensor, d_heads: list[Tensor]) -> tuple[Tensor, dict[int, Tensor]]:
         """x's gradient (B, L, d) and the norm's and input projections' gradients by id, for
-        the core inputs' gradients d_heads (each (B, H, L, D)), recomputing the norm and the
-        projections a chunk of positions at a time."""
-        attn = self.attn
-        local = [p for m in (self.attn_norm, *attn.projections()) for p in m.parameters()]
-        local = [p for p in local if p.requires_grad]
+        the core inputs' gradients d_heads (each (B, H, L, D)), a chunk of positions at a
+        time: the norm is recomputed under autograd, the projections' products are formed
+        directly (their outputs are not needed, so they are not recomputed)."""
+        norm, projections = self.attn_norm, self.attn.projections()
+        norm_params = [p for p in norm.parameters() if p.requires_grad]
         x_grad = torch.empty_like(x)
-        sums: list[Tensor | None] = [None] * len(local)
+        sums: list[Tensor | None] = [None] * len(norm_params)
+        own: dict[int, Tensor] = {}
         for sl in chunk_slices(x.shape[1], self.ff_chunk_len):
             with torch.enable_grad():
                 xc = x[:, sl].detach().requires_grad_(True)
-                outs = [t for t in attn.project(self.attn_norm(xc)) if t is not None]
-                dxc, *dps = torch.autograd.grad(
-                    outs, [xc, *local], [dh[:, :, sl] for dh in d_heads], allow_unused=True
-                )
+                n = norm(xc)
+            grads = [dh[:, :, sl].transpose(1, 2).flatten(2) for dh in d_heads]  # (B, l, H D)
+            d_n = _projection_grads(projections, grads, n.detach(), own)
+            dxc, *dps = torch.autograd.grad(n, [xc, *norm_params], d_n, allow_unused=True)
             x_grad[:, sl] = dxc
             sums = _add_grads(sums, dps)
-        return x_grad, {id(p): gp for p, gp in zip(local, sums) if gp is not None}
+        own |= {id(p): gp for p, gp in zip(norm_params, sums) if gp is not None}
+        return x_grad, own
 
     def _ff(self, x: Tensor, mask: Tensor | None) -> Tensor:
         out = self.ff(self.ff_norm(x))
