@@ -116,13 +116,29 @@ def config_from_dict(
     data: dict[str, Any], where: str = "config", *, check: bool = True
 ) -> TrainConfig:
     """The config of `data`'s task (default duplication) from nested plain data, refusing
-    unknown keys and the fields that the task does not read. check=False: the run's own
-    checks are skipped (its sections' still run), for a default that flags complete (the
-    CLI's `--task mlm --model.no-causal`: the final config is checked)."""
+    unknown keys and the fields that the task does not read. A field of another task at its
+    default value is left out, not refused: files that hold every task's fields at their
+    defaults (the run configs that versions before the per-task classes saved, which the
+    resume command names) keep working. check=False: the run's own checks are skipped (its
+    sections' still run), for a default that flags complete (the CLI's `--task mlm
+    --model.no-causal`: the final config is checked)."""
     cls, data, unread = _split(data)
-    if unread:
-        raise refusal(cls.task, [p for p, _ in unread])
-    return _build(cls, _without(data, set(), task_paths()[cls.task]), where, check=check)
+    changed = _set_fields(unread)
+    if changed:
+        raise refusal(cls.task, changed)
+    own = task_paths()[cls.task]
+    return _build(cls, _without(data, {p for p, _ in unread}, own), where, check=check)
+
+
+def _set_fields(unread: list[tuple[str, Any]]) -> list[str]:
+    """The paths among (path, value)s of fields the task does not read whose values are not
+    their defaults (an empty eval_hashes, which asks for no table, counts as a default)."""
+    defaults = any_task_paths()
+    return [
+        p
+        for p, v in unread
+        if v not in (None, [], ()) and config_to_dict(v) != config_to_dict(defaults[p])
+    ]
 
 
 def saved_config_from_dict(data: dict[str, Any], where: str = "config") -> TrainConfig:
@@ -130,12 +146,7 @@ def saved_config_from_dict(data: dict[str, Any], where: str = "config") -> Train
     allowed some to be set that the run's task did not read): those fields are left out,
     with a warning when they were not at their defaults. Unknown keys are still errors."""
     cls, data, unread = _split(data)
-    defaults = any_task_paths()
-    changed = [  # (an empty eval_hashes was allowed: it asks for no table)
-        p
-        for p, v in unread
-        if v not in (None, [], ()) and config_to_dict(v) != config_to_dict(defaults[p])
-    ]
+    changed = _set_fields(unread)
     if changed:
         warnings.warn(
             f"the saved config sets fields its task {cls.task!r} does not use, left out (as "
