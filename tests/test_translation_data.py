@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from reformer.data import DataFileNotFoundError
+from reformer.data.subword import Tokenizer
 from reformer.tasks.translation.batches import ParallelData
 from reformer.tasks.translation.data import (
-    Tokenizer,
     bleu,
     read_lines,
     read_parallel,

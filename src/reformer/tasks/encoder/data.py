@@ -33,6 +33,7 @@ from ...data._common import (
     check_step_and_shard,
     make_generator,
 )
+from ...data.subword import Tokenizer
 from . import listops
 
 PathLike = str | os.PathLike[str]
@@ -216,9 +217,6 @@ class SentencePieceTokenizer(_Tokenizer):
         Raises:
             ValueError: ``vocab_size`` <= 4 or too large for the texts, or no non-empty text.
         """
-        # Imported here: the translation module pulls in sacrebleu, which nothing else needs.
-        from ..translation.data import Tokenizer
-
         Tokenizer.train(texts, vocab_size, path, model_type="unigram", seed=seed)
         return cls(path)
 

@@ -17,7 +17,7 @@ import torch
 from reformer.data._common import IGNORE_INDEX, check_positive, make_generator
 
 if TYPE_CHECKING:
-    from .data import Tokenizer
+    from ...data.subword import Tokenizer
 
 # ---------------------------------------------------------------------------------------------
 # Batches

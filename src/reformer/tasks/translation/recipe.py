@@ -20,12 +20,13 @@ from ...checkpoint import (
     load_checkpoint,
     resolve_checkpoint,
 )
+from ...data.subword import Tokenizer
 from ...distributed import all_reduce_sum, barrier
 from ...run_config import TrainConfig
 from ...training import Recipe
 from ...training.runs import saved_run_config
 from .batches import ParallelData
-from .data import Tokenizer, bleu, read_parallel, resolve_pair_paths
+from .data import bleu, read_parallel, resolve_pair_paths
 from .model import EncDecConfig, ReformerEncDec
 from .search import beam_search, greedy
 
