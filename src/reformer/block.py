@@ -34,8 +34,7 @@ def _projection_grads(
     flat_n = n.reshape(-1, n.shape[-1])
     for lin, g in zip(projections, grads):
         w, b = lin.weight, lin.bias
-        w_c = w if g.dtype == w.dtype or w.dtype == torch.float64 else w.to(g.dtype)
-        term = torch.matmul(g, w_c)
+        term = torch.matmul(g, w)
         d_n = term if d_n is None else d_n + term
         flat_g = g.reshape(-1, g.shape[-1])
         if w.requires_grad:
@@ -139,7 +138,7 @@ class ReformerBlock(nn.Module):
         mask = self._mask(x, gen, f_dtype)
         g = grad if mask is None else grad * mask
         w_out = attn.out.weight
-        d_out = torch.matmul(g, w_out.to(g.dtype) if g.dtype != w_out.dtype else w_out)
+        d_out = torch.matmul(g, w_out)  # (under autocast, in its dtype, as the forward)
         d_out = d_out.view(B, L, attn.n_heads, attn.head_dim).transpose(1, 2)
         used = [t for t in leaves if t is not None]
         d_heads = list(torch.autograd.grad(out, used, d_out))
