@@ -124,6 +124,21 @@ def setup_worker(args: dict[str, Any]) -> tuple[torch.device, torch.dtype]:
     return torch.device(args.get("device", "cpu")), getattr(torch, args.get("dtype", "float32"))
 
 
+def matmul_rate(dtype: torch.dtype, device: torch.device) -> float:
+    """The best of six 4096 x 4096 matmuls in dtype (the first warms up), FLOP/s: the
+    ceiling that MFU is measured against."""
+    a = torch.randn(4096, 4096, dtype=dtype, device=device)
+    b = torch.randn(4096, 4096, dtype=dtype, device=device)
+    best = float("inf")
+    for _ in range(6):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * 4096**3 / best
+
+
 def warm_lsh_kernels(device: torch.device, dtype: torch.dtype, chunk_len: int = 64) -> bool:
     """Compile our LSH tile kernels before anything is measured (when "auto" would use
     them): compilation is a one-off cost of the process (about 150 MiB of RSS, seconds with

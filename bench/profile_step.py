@@ -30,34 +30,14 @@ MATMULS = (
     "aten::baddbmm_",
     "aten::matmul",
 )
-D, HEADS, D_FF, VOCAB, CHUNK, HASHES = 256, 4, 1024, 256, 64, 4
-
-
-def model_flops(length: int) -> float:
-    """6 x non-embedding matmul parameters x tokens + 3 x attention matmul FLOPs (the
-    issue's MFU definition; the reversible recompute is not credited)."""
-    params = 3 * D * D + 2 * D * D_FF + D * VOCAB
-    attention = 2 * 2 * length * (2 * CHUNK) * (D // HEADS) * HEADS * HASHES
-    return 6 * params * length + 3 * attention
-
-
-def matmul_rate(dtype) -> float:
-    import torch
-
-    a, b = torch.randn(4096, 4096, dtype=dtype), torch.randn(4096, 4096, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * 4096**3 / best
 
 
 def worker(precision: str, length: int, top: int) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from bench._harness import matmul_rate
+    from bench.step import CHUNK, D_FF, HASHES, HEADS, VOCAB, D, model_flops
     from reformer import ReformerConfig, ReformerLM
 
     torch.set_num_threads(2)
@@ -90,8 +70,8 @@ def worker(precision: str, length: int, top: int) -> dict:
         key=lambda r: -r["ms"],
     )
     matmul = sum(r["ms"] for r in rows if r["op"] in MATMULS)
-    flops = model_flops(length)
-    rate = matmul_rate(torch.bfloat16 if bf16 else torch.float32)
+    flops = model_flops("ours", 1, length)
+    rate = matmul_rate(torch.bfloat16 if bf16 else torch.float32, torch.device("cpu"))
     return {
         "precision": precision,
         "step_s": seconds,

@@ -47,11 +47,11 @@ from bench._harness import (
     environment,
     extrapolate,
     markdown_table,
+    matmul_rate,
     measure,
     run_measured,
     setup_worker,
     skip_reason,
-    sync,
     warm_lsh_kernels,
     write_json,
 )
@@ -104,20 +104,6 @@ def model_flops(config: str, layers: int, length: int) -> float:
     keys = length / 2 if config == "sdpa" else 2 * CHUNK * HASHES
     attention = layers * 2 * 2 * length * keys * d_head * HEADS
     return 6 * params * length + 3 * attention
-
-
-def matmul_rate(dtype: torch.dtype, device: torch.device) -> float:
-    """The best of five 4096 x 4096 matmuls in dtype, FLOP/s: the MFU's ceiling."""
-    a = torch.randn(4096, 4096, dtype=dtype, device=device)
-    b = torch.randn(4096, 4096, dtype=dtype, device=device)
-    best = float("inf")
-    for _ in range(6):
-        sync(device)
-        t = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * 4096**3 / best
 
 
 def build(config: str, layers: int, length: int):
