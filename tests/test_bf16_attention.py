@@ -116,15 +116,14 @@ def test_lsh_bf16_gradients_accumulate_in_float32(monkeypatch):
     xs, mask, up = _case(L=96, D=8)
     rot = draw_rotations(2, 8, 8, 8)
     kw = dict(chunk_len=4, causal=True, mode="window", attention_mask=mask, kernel="eager")
-    _, grads = _run(lambda qk, v: lsh_attention(qk, v, rot, **kw), xs, up, torch.bfloat16)
-    seen = {}
+    seen: set[torch.dtype] = set()  # the dtypes index_add_ accumulates into
     real_add = torch.Tensor.index_add_
 
     def spy(self, dim, index, source, **kwargs):
-        seen[self.dtype] = True
+        seen.add(self.dtype)
         return real_add(self, dim, index, source, **kwargs)
 
     monkeypatch.setattr(torch.Tensor, "index_add_", spy)
-    _run(lambda qk, v: lsh_attention(qk, v, rot, **kw), xs, up, torch.bfloat16)
-    assert seen == {torch.float32: True}
+    _, grads = _run(lambda qk, v: lsh_attention(qk, v, rot, **kw), xs, up, torch.bfloat16)
+    assert seen == {torch.float32}
     assert all(g.dtype == torch.bfloat16 for g in grads)
