@@ -36,28 +36,37 @@ def full_attention(
     Returns:
         (B, H, L, D).
     """
-    B, _H, L, _D = q.shape
+    L = q.shape[2]
     if k is not None and attention_mask is None:
         # The ordinary Transformer: let SDPA pick its fused (flash) kernel.
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if k is None and causal and attention_mask is None and L > 1:
+        # Shared QK, causal, unpadded: query i's candidates are j < i, and position 0's only
+        # candidate is itself (output v_0, no gradient to its score). Queries 1.. against keys
+        # ..L-2 under the flash kernel's causal mask are exactly the j < i rows, with no L x L
+        # bias in memory.
+        keys = unit_keys(q, key_norm)
+        rest = F.scaled_dot_product_attention(
+            q[:, :, 1:], keys[:, :, :-1], v[:, :, :-1], is_causal=True, scale=1.0
+        )
+        return torch.cat([v[:, :, :1].to(rest.dtype), rest], dim=2)
 
-    # An additive bias: MASK_SCORE on masked pairs. For shared QK the self score must be
-    # SELF_SCORE itself (not added to q.k), so the diagonal is biased by SELF_SCORE - q.k_hat.
-    device = q.device
-    dtype = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
-    allowed = torch.ones(L, L, dtype=torch.bool, device=device)
+    # An additive bias (1 or B, 1, L, L) in the scores' dtype: MASK_SCORE on masked pairs and,
+    # for shared QK, SELF_SCORE on the diagonal. q.k_hat is added to it there, but |q.k_hat|
+    # <= |q| is negligible beside 1e5: exp() of the self score is 0 whenever a row has another
+    # candidate, and a row with none gives weight 1 to itself whatever its score.
+    allowed = torch.ones(L, L, dtype=torch.bool, device=q.device)
     if causal:
         allowed = torch.tril(allowed)
+    allowed = allowed[None, None]
     if attention_mask is not None:
-        allowed = allowed & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
-    else:
-        allowed = allowed.expand(B, 1, L, L)
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
+        allowed = allowed & attention_mask.to(device=q.device, dtype=torch.bool)[:, None, None, :]
+    bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(
         ~allowed, MASK_SCORE
-    )  # (B, 1, L, L)
+    )
     if k is None:
-        k = unit_keys(q, key_norm)
-        self_dot = (q * k).sum(-1)  # (B, H, L)
-        bias = bias + torch.diag_embed(SELF_SCORE - self_dot.to(dtype))  # (B, H, L, L)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        bias.diagonal(dim1=-2, dim2=-1).add_(SELF_SCORE)
+        return F.scaled_dot_product_attention(
+            q, unit_keys(q, key_norm), v, attn_mask=bias, scale=1.0
+        )
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
