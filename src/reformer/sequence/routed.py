@@ -1,0 +1,328 @@
+"""LSH and local attention over a sequence split across ranks, routed by the sort itself.
+
+Legend: B batch, H heads, l this rank's positions, D head dim, R rounds (1 for local
+attention), C chunk length, N ranks, E routed entries (one per real token, head and round).
+
+One process sorts each round's tokens by (bucket, position) and attends within chunks of C
+sorted slots (`attention/lsh.py`). Here no rank holds the whole sort, but each token can learn
+its global slot: bucket histograms of every rank (one small all-gather) say how many real
+tokens of the sequence sort before it. The sorted order of every round is then cut into
+chunk-aligned segments, one per rank and equal to a chunk whatever the buckets; every token
+travels to the owner of its slot, and to the owners whose queries need it as a key (the
+`before` chunks after a segment's start, the `after` chunks before it), in one all-to-all
+with every round at once. Each owner attends over its segment as one process would, and sends
+every query's output and log-sum-exp back to the token's rank, where the rounds combine as in
+one process. Autograd reverses the exchanges in the backward pass. Local attention is the
+same with one round and the slot of a token its position.
+
+Padded tokens are never routed: in one process they sort after every real token (a bucket of
+their own), so they move no real token's slot and are never a candidate; their outputs are 0.
+The candidate sets, the self rule and the duplicate count N_ij (from every round's bucket and
+slot of both tokens, which travel with them) are those of `reference.lsh_candidate_sets`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..attention.common import MASK_SCORE, SELF_SCORE, unit_keys, upcast
+from .shard import SequenceShard
+
+
+@dataclass(frozen=True)
+class Route:
+    """What a routed attention layer computes: `mode` "window" or "chunk" (LSH) or "local";
+    shared: keys are the unit-length queries (else separate keys scaled by 1/sqrt(D))."""
+
+    chunk_len: int
+    mode: str
+    causal: bool
+    before: int = 1
+    after: int = 0
+    dedup: bool = True
+    shared: bool = True
+    key_norm: str = "l2"
+
+
+def routed_attention(
+    q: Tensor,
+    k: Tensor | None,
+    v: Tensor,
+    buckets: Tensor | None,
+    valid: Tensor,
+    shard: SequenceShard,
+    route: Route,
+) -> Tensor:
+    """Attention of this rank's queries over the whole sequence.
+
+    Args:
+        q, k, v: (B, H, l, D) this rank's slice (k None: shared QK).
+        buckets: (B, H, R, l) LSH buckets in [0, K) of this rank's tokens, or None for local
+            attention.
+        valid: (B, l) bool, True at real tokens.
+    Returns:
+        (B, H, l, D); 0 at padded positions.
+    """
+    B, H, l, D = q.shape
+    slots, n_slots = global_slots(buckets, valid, shard, H)  # (B, H, R, l), (B,)
+    plan = Plan.build(slots, n_slots, shard, route)
+    rows = torch.cat([t for t in (q, k, v) if t is not None], dim=-1)  # (B, H, l, F)
+    sent = rows.reshape(-1, rows.shape[-1]).index_select(0, plan.rows)
+    got = shard.exchange(sent, plan.send, plan.recv)
+    got_meta = shard.exchange(plan.meta(slots, buckets, shard.start), plan.send, plan.recv)
+    seg = Segment(got_meta, plan.recv, n_slots, shard, route, H, slots.shape[2])
+    results = seg.attend(got, D)  # (primaries received, D + 1): output and log-sum-exp
+    returned = shard.exchange(results, seg.back, plan.primary_counts)
+    return _combine(returned, plan, (B, H, slots.shape[2], l, D), q.dtype)
+
+
+@torch.no_grad()
+def global_slots(
+    buckets: Tensor | None, valid: Tensor, shard: SequenceShard, heads: int
+) -> tuple[Tensor, Tensor]:
+    """(B, H, R, l): every local token's slot in its round's global sort by (bucket,
+    position) among the sequence's real tokens, -1 at padding; and (B,) how many slots each
+    sequence has. Local attention (buckets None, R = 1): the slot is the position, and every
+    position has one (padded ones are no candidates)."""
+    B, l = valid.shape
+    device = valid.device
+    if buckets is None:
+        pos = torch.arange(shard.start, shard.stop, device=device)
+        slots = torch.where(valid, pos, -1)[:, None, None, :].expand(B, heads, 1, l)
+        return slots, torch.full((B,), shard.length, dtype=torch.long, device=device)
+    K = int(shard.gather_counts(buckets.amax().reshape(1).clamp(min=0)).max()) + 1
+    hist = torch.zeros(*buckets.shape[:3], K, dtype=torch.long, device=device)
+    hist.scatter_add_(-1, buckets, valid[:, None, None, :].expand_as(buckets).long())
+    every = shard.gather_counts(hist)  # (N, B, H, R, K): each rank's real tokens per bucket
+    total = every.sum(0)
+    # slots of the sequence before this rank's first token of each bucket
+    before = total.cumsum(-1) - total + every[: shard.rank].sum(0)
+    # rank among this rank's real tokens of its bucket (positions ascend within a bucket)
+    key = torch.where(valid[:, None, None, :], buckets, K) * l + torch.arange(l, device=device)
+    order = key.argsort(dim=-1)
+    sorted_at = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(l, device=device).expand_as(order)
+    )
+    within = sorted_at - (hist.cumsum(-1) - hist).gather(-1, buckets)
+    slots = torch.where(valid[:, None, None, :], before.gather(-1, buckets) + within, -1)
+    return slots, total[:, 0, 0].sum(-1)
+
+
+def chunk_bounds(n_slots: Tensor, shard: SequenceShard, chunk_len: int) -> Tensor:
+    """(B, N + 1): rank r owns chunks [b[r], b[r + 1]) of every round's sorted order, as even
+    as the number of chunks allows, whatever the buckets."""
+    n_chunks = (n_slots + chunk_len - 1) // chunk_len
+    r = torch.arange(shard.size + 1, device=n_slots.device)
+    return n_chunks[:, None] * r // shard.size
+
+
+def owner_of(bounds: Tensor, chunk: Tensor) -> Tensor:
+    """The rank owning `chunk` (E,) of sequence rows `bounds` (E, N + 1)."""
+    return (bounds[:, 1:-1] <= chunk[:, None]).sum(-1)
+
+
+@dataclass
+class Plan:
+    """Which entry (token, head, round) goes to which rank, sorted by destination."""
+
+    entry: Tensor  # (S,) flat (b, h, r, t) index of each sent entry
+    rows: Tensor  # (S,) its row of the (B * H * l) token rows
+    primary: Tensor  # (S,) bool: sent to the owner of its own slot (its query's result returns)
+    send: list[int]
+    recv: list[int]
+    primary_counts: list[int]  # primaries sent to each rank, whose results come back
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, slots: Tensor, n_slots: Tensor, shard: SequenceShard, route: Route) -> Plan:
+        _, H, R, l = slots.shape
+        C = route.chunk_len
+        entry = (slots.reshape(-1) >= 0).nonzero().squeeze(1)  # (E,) real tokens
+        b = entry // (H * R * l)
+        chunk = slots.reshape(-1)[entry] // C
+        bounds = chunk_bounds(n_slots, shard, C)[b]  # (E, N + 1)
+        n_chunks = bounds[:, -1]
+        # the owners of the query chunks that need this key: chunk - after .. chunk + before
+        dests = []
+        for delta in range(-route.after, route.before + 1):
+            qc = chunk + delta
+            ok = (qc >= 0) & (qc < n_chunks)
+            dests.append(torch.where(ok, owner_of(bounds, qc.clamp(min=0)), -1))
+        d = torch.stack(dests, 1)  # (E, before + after + 1), ascending where >= 0
+        d[:, 1:] = torch.where(d[:, 1:] == d[:, :-1], -1, d[:, 1:])  # each owner once
+        keep = d >= 0
+        primary = d == owner_of(bounds, chunk)[:, None]
+        e_idx = entry[:, None].expand_as(d)[keep]
+        dest, primary = d[keep], primary[keep]
+        order = torch.sort(dest, stable=True).indices
+        e_idx, dest, primary = e_idx[order], dest[order], primary[order]
+        send = torch.bincount(dest, minlength=shard.size)
+        recv = shard.exchange_counts(send)
+        t = e_idx % l
+        bh = e_idx // (R * l)
+        return cls(
+            entry=e_idx,
+            rows=bh * l + t,
+            primary=primary,
+            send=send.tolist(),
+            recv=recv.tolist(),
+            primary_counts=torch.bincount(dest[primary], minlength=shard.size).tolist(),
+        )
+
+    @torch.no_grad()
+    def meta(self, slots: Tensor, buckets: Tensor | None, start: int) -> Tensor:
+        """(S, 7 + 2 R) int64 per sent entry: b, h, r, slot, primary, global position, bucket
+        (in the entry's round), then the token's slot and bucket in every round (for the
+        duplicate count)."""
+        _, H, R, l = slots.shape
+        e = self.entry
+        t, r, h, b = e % l, (e // l) % R, (e // (R * l)) % H, e // (H * R * l)
+        every_slot = slots.permute(0, 1, 3, 2)[b, h, t]  # (S, R)
+        if buckets is None:
+            every_bucket = torch.zeros_like(every_slot)
+        else:
+            every_bucket = buckets.permute(0, 1, 3, 2)[b, h, t]
+        slot = slots.reshape(-1)[e]
+        bucket = every_bucket.gather(1, r[:, None]).squeeze(1)
+        cols = [b, h, r, slot, self.primary.long(), t + start, bucket]
+        return torch.cat([torch.stack(cols, 1), every_slot, every_bucket], 1)
+
+
+def _combine(returned: Tensor, plan: Plan, shape: tuple[int, ...], dtype) -> Tensor:
+    """Each query's rounds combined by their log-sum-exps: (primaries, D + 1) as they return
+    (by owner, then in the order sent) -> (B, H, l, D); 0 at padded positions."""
+    B, H, R, l, D = shape
+    at = plan.entry[plan.primary]
+    flat = returned.new_zeros(B * H * R * l, D + 1).index_put((at,), returned)
+    flat = flat.view(B, H, R, l, D + 1)
+    weights = torch.softmax(flat[..., D], dim=2)  # (B, H, R, l)
+    return (weights.unsqueeze(-1) * flat[..., :D]).sum(2).to(dtype)
+
+
+# columns of Plan.meta
+_B, _H, _R, _SLOT, _PRIMARY, _POS, _BUCKET, _EVERY = range(8)
+
+
+class Segment:
+    """The owner's side: the entries that arrived, laid out by (head, round, slot) over this
+    rank's chunks of a sequence plus the `before` chunks before them and the `after` chunks
+    after them, and attended as one process attends its sorted chunks."""
+
+    def __init__(
+        self,
+        meta: Tensor,
+        recv: list[int],
+        n_slots: Tensor,
+        shard: SequenceShard,
+        route: Route,
+        heads: int,
+        rounds: int,
+    ) -> None:
+        self.meta, self.route, self.H, self.R = meta, route, heads, rounds
+        self.bounds = chunk_bounds(n_slots, shard, route.chunk_len)[:, shard.rank : shard.rank + 2]
+        source = torch.repeat_interleave(
+            torch.arange(shard.size, device=meta.device),
+            torch.tensor(recv, device=meta.device),
+        )
+        primary = meta[:, _PRIMARY].bool()
+        self.back = torch.bincount(source[primary], minlength=shard.size).tolist()
+
+    def attend(self, got: Tensor, D: int) -> Tensor:
+        """(entries, F) rows that arrived -> (primaries, D + 1): each primary query's output
+        and log-sum-exp in its round, in arrival order."""
+        pieces, where = [], []
+        primary = self.meta[:, _PRIMARY].bool()
+        arrival = torch.cumsum(primary.long(), 0) - 1  # index among the primaries
+        for b in self.meta[:, _B].unique().tolist():
+            sel = (self.meta[:, _B] == b).nonzero().squeeze(1)
+            first, last = self.bounds[b].tolist()
+            if last == first:
+                continue
+            out, lse = self._sequence(got[sel], self.meta[sel], first, last, D)
+            m = self.meta[sel]
+            mine = m[:, _PRIMARY].bool()
+            m = m[mine]
+            at = (m[:, _H] * self.R + m[:, _R]) * ((last - first) * self.route.chunk_len) + (
+                m[:, _SLOT] - first * self.route.chunk_len
+            )
+            flat = torch.cat([out, lse.unsqueeze(-1)], -1).reshape(-1, D + 1)
+            pieces.append(flat.index_select(0, at))
+            where.append(arrival[sel[mine]])
+        if not pieces:
+            return got.new_zeros(0, D + 1, dtype=upcast(got[:0]).dtype)
+        order = torch.cat(where).argsort()
+        return torch.cat(pieces).index_select(0, order)
+
+    def _sequence(
+        self, rows: Tensor, meta: Tensor, first: int, last: int, D: int
+    ) -> tuple[Tensor, Tensor]:
+        """One sequence's segment: chunks [first, last) of every (head, round) as queries,
+        with keys from `before` chunks earlier to `after` chunks later. Returns outputs
+        (H, R, n C, D) and log-sum-exps (H, R, n C) in the scores' dtype."""
+        route, H, R, C = self.route, self.H, self.R, self.route.chunk_len
+        n, nb, na = last - first, route.before, route.after
+        S = (n + nb + na) * C
+        at = (meta[:, _H], meta[:, _R], meta[:, _SLOT] - (first - nb) * C)
+        buf = rows.new_zeros(H, R, S, rows.shape[-1]).index_put(at, rows)
+        info = meta.new_full((H, R, S, meta.shape[1]), -1).index_put(at, meta)
+
+        def windows(x: Tensor) -> Tensor:  # (H, R, S, ...) -> (H, R, n, W, ...)
+            x = x.reshape(H, R, n + nb + na, C, *x.shape[3:])
+            return torch.cat([x[:, :, i : i + n] for i in range(nb + na + 1)], dim=3)
+
+        queries = buf[:, :, nb * C : (nb + n) * C].reshape(H, R, n, C, -1)[..., :D]
+        q_info = info[:, :, nb * C : (nb + n) * C].reshape(H, R, n, C, -1)
+        keys, k_info = windows(buf), windows(info)
+        scores = self._scores(upcast(queries), keys, D)
+        scores = self._mask(scores, q_info.unsqueeze(4), k_info.unsqueeze(3))
+        lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - lse.unsqueeze(-1))
+        values = upcast(keys[..., -D:])
+        out = torch.einsum("hrncw,hrnwd->hrncd", probs, values)
+        return out.reshape(H, R, n * C, D), lse.reshape(H, R, n * C)
+
+    def _scores(self, queries: Tensor, keys: Tensor, D: int) -> Tensor:
+        """(H, R, n, C, W) q . k_hat (shared QK) or q . k / sqrt(D)."""
+        if self.route.shared:
+            k = unit_keys(keys[..., :D], self.route.key_norm)
+        else:
+            k = keys[..., D : 2 * D] * (1.0 / math.sqrt(D))
+        return torch.einsum("hrncd,hrnwd->hrncw", queries, upcast(k))
+
+    def _mask(self, scores: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
+        """Scores of the pairs outside the candidate set to MASK_SCORE, minus log N_ij
+        (dedup), the self pair to SELF_SCORE (shared QK). qi (.., C, 1, M), ki (.., 1, W, M)."""
+        route, R = self.route, self.R
+        allowed = (qi[..., _POS] >= 0) & (ki[..., _POS] >= 0)
+        if route.causal:
+            allowed &= ki[..., _POS] <= qi[..., _POS]
+        if route.mode == "window":  # j one of i's chunk_len nearest earlier bucket-mates, or i
+            gap = qi[..., _SLOT] - ki[..., _SLOT]
+            allowed &= (
+                (qi[..., _BUCKET] == ki[..., _BUCKET]) & (gap >= 0) & (gap <= route.chunk_len)
+            )
+        if route.dedup and R > 1:
+            count = sum(self._member(qi, ki, rr) for rr in range(R))
+            scores = scores - torch.log(count.clamp(min=1).to(scores.dtype))
+        scores = scores.masked_fill(~allowed, MASK_SCORE)
+        if route.shared:
+            scores = scores.masked_fill(allowed & (ki[..., _POS] == qi[..., _POS]), SELF_SCORE)
+        return scores
+
+    def _member(self, qi: Tensor, ki: Tensor, rr: int) -> Tensor:
+        """Whether j is in S_rr(i), as int, from both tokens' slots and buckets in round rr."""
+        route, R = self.route, self.R
+        qs, ks = qi[..., _EVERY + rr], ki[..., _EVERY + rr]
+        if route.mode == "window":
+            qb, kb = qi[..., _EVERY + R + rr], ki[..., _EVERY + R + rr]
+            ok = (qb == kb) & (qs - ks >= 0) & (qs - ks <= route.chunk_len)
+        else:
+            diff = ks // route.chunk_len - qs // route.chunk_len
+            ok = (diff >= -route.before) & (diff <= route.after)
+        if route.causal:
+            ok &= ki[..., _POS] <= qi[..., _POS]
+        return ok.to(torch.int8)
