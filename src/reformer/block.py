@@ -14,7 +14,7 @@ from .attention import Attention
 from .attention.cache import LayerCache
 from .config import ReformerConfig
 from .feedforward import FeedForward, apply_chunked, chunk_slices
-from .seeding import dropout_mask
+from .seeding import dropout_mask, rank_generator
 from .seeding import seeded_generator as make_generator
 
 
@@ -60,6 +60,7 @@ class ReformerBlock(nn.Module):
         self.ff = FeedForward(config.d_model, config.d_ff, config.compat.ff_activation)
         self.dropout = config.dropout
         self.ff_chunk_len = config.ff_chunk_len
+        self.shard_rank: int | None = None  # under sequence parallelism (`ReformerLM.shard`)
 
     def attn_params(self) -> list[nn.Parameter]:
         return list(self.attn_norm.parameters()) + list(self.attn.parameters())
@@ -71,6 +72,8 @@ class ReformerBlock(nn.Module):
         """The dropout multiplier for x's shape (x's dtype unless given); None if no dropout."""
         if not (self.training and self.dropout > 0):
             return None
+        if self.shard_rank is not None:
+            gen = rank_generator(gen, self.shard_rank, x.device)
         return dropout_mask(x.shape, self.dropout, gen, x.device, dtype or x.dtype)
 
     def attn_branch(

@@ -19,8 +19,9 @@ from .config import ReformerConfig
 from .embeddings import AbsolutePositionalEmbedding, AxialPositionalEmbedding
 from .feedforward import chunked_cross_entropy
 from .reversible import reversible_forward
-from .seeding import dropout_mask
+from .seeding import dropout_mask, rank_generator
 from .seeding import seeded_generator as make_generator
+from .sequence import SequenceShard
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,27 @@ def not_decodable(config: ReformerConfig | nn.Module) -> str | None:
     return None
 
 
+def sequence_parallel_problem(config: ReformerConfig, length: int) -> str | None:
+    """Why a model (its config) cannot split sequences of `length` over ranks, or None."""
+    if "full" in config.layer_kinds:
+        return (
+            "--parallel sequence: full attention needs the whole sequence on one rank "
+            f"(layers {config.layer_kinds}); use lsh or local layers (--model.attention lsh "
+            "or local,lsh), or --parallel ddp"
+        )
+    if config.compat.lsh_wrap or config.compat.local_wrap:
+        return (
+            "--parallel sequence: wrapped chunks (compat.lsh_wrap / compat.local_wrap, "
+            "transformers' layout) are not supported; convert the model without them"
+        )
+    if config.pos_emb != "none" and length > config.max_seq_len:
+        return (
+            f"--parallel sequence: sequences of {length} positions exceed "
+            f"model.max_seq_len={config.max_seq_len}; raise --model.max-seq-len"
+        )
+    return None
+
+
 class ReformerLM(nn.Module):
     """A Reformer language model, `model(input_ids) -> logits`, built from a `ReformerConfig`.
 
@@ -101,6 +123,7 @@ class ReformerLM(nn.Module):
             self.head = nn.Linear(width, config.vocab_size)
         # Debug/test switch: False runs the reversible stack under plain autograd.
         self.custom_backward = True
+        self.shard: SequenceShard | None = None  # set by `shard_sequence`
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -148,6 +171,20 @@ class ReformerLM(nn.Module):
             )
         for i in swappable:
             self.blocks[i].attn.kind = kind or configured[i]
+
+    def shard_sequence(self, shard: SequenceShard | None) -> None:
+        """Run on one rank's slice of every sequence (`--parallel sequence`): input_ids are
+        the positions [shard.start, shard.stop) of sequences of shard.length, and attention
+        reaches the other ranks' positions through `attention/routed.py`. None: whole
+        sequences again. Refuses what cannot be split (full attention, wrapped chunks)."""
+        if shard is not None:
+            problem = sequence_parallel_problem(self.config, shard.length)
+            if problem:
+                raise ValueError(problem)
+        self.shard = shard
+        for block in self.blocks:
+            block.attn.shard = shard
+            block.shard_rank = None if shard is None else shard.rank
 
     def _check_ids(self, input_ids: Tensor, name: str = "input_ids") -> None:
         if not isinstance(input_ids, Tensor):
@@ -216,6 +253,8 @@ class ReformerLM(nn.Module):
             self._check_ids(input_ids)
             self._check_mask(attention_mask, input_ids)
         pos = 0 if cache is None else cache.length
+        if self.shard is not None:
+            pos = self.shard.start
         if cache is not None:
             seeds = cache.seeds
         seeds = seeds or ForwardSeeds.draw(len(self.blocks))
@@ -223,6 +262,8 @@ class ReformerLM(nn.Module):
         x = self.embed(input_ids, offset=pos)  # (B, L, d)
         if self.training and self.config.dropout > 0:
             gen = make_generator(seeds.embedding, x.device)
+            if self.shard is not None:
+                gen = rank_generator(gen, self.shard.rank, x.device)
             x = x * dropout_mask(x.shape, self.config.dropout, gen, x.device, x.dtype)
         if self.config.reversible:
             y1, y2 = reversible_forward(
@@ -251,6 +292,8 @@ class ReformerLM(nn.Module):
         duplicate correction; call in eval mode (no dropout), without padding.
         """
         reason = not_decodable(self.config)
+        if self.shard is not None:
+            reason = "decode runs on whole sequences: call model.shard_sequence(None) first"
         if reason is not None:
             raise ValueError(reason)
         self._check_ids(input_ids)
@@ -306,21 +349,32 @@ class ReformerLM(nn.Module):
         positions are scored (a masked LM's 15%), only their hidden states reach the
         output layer.
         """
+        total, count = self.loss_terms(input_ids, targets, attention_mask, ignore_index)
+        if int(count) == 0:
+            raise ValueError("targets has no scored position (all equal ignore_index)")
+        return total / count
+
+    def loss_terms(
+        self,
+        input_ids: Tensor,
+        targets: Tensor,
+        attention_mask: Tensor | None = None,
+        ignore_index: int = -100,
+    ) -> tuple[Tensor, Tensor]:
+        """`loss` as (summed cross-entropy, number of scored positions): what a rank of a
+        sequence group adds to its group's (whose loss is sum over ranks / count over ranks)."""
         self._check_targets(targets, input_ids, ignore_index)
         hidden = self.hidden_states(input_ids, attention_mask)
         scored = targets != ignore_index
         if 2 * int(scored.sum()) < scored.numel():
             hidden, targets = hidden[scored][None], targets[scored][None]  # (1, M, W), (1, M)
-        total, count = chunked_cross_entropy(
+        return chunked_cross_entropy(
             hidden,
             targets,
             self.logits_from_hidden,
             chunk_len=self.config.loss_chunk_len,
             ignore_index=ignore_index,
         )
-        if int(count) == 0:
-            raise ValueError("targets has no scored position (all equal ignore_index)")
-        return total / count
 
     def _check_targets(self, targets: Tensor, input_ids: Tensor, ignore_index: int) -> None:
         if not isinstance(targets, Tensor) or targets.dtype.is_floating_point:

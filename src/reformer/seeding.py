@@ -24,3 +24,11 @@ def dropout_mask(
     """Inverted-dropout multiplier drawn from an explicit generator (replayable)."""
     keep = torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=generator)
     return keep / (1.0 - p)
+
+
+def rank_generator(gen: torch.Generator, rank: int, device: torch.device) -> torch.Generator:
+    """A generator of its own for one rank of a sequence group: seeded from one draw of `gen`
+    (the same draw on every rank, so every rank's `gen` stays in step) and the rank, so that
+    the ranks' slices get different dropout masks, the same on every replay."""
+    base = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
+    return seeded_generator(base + rank, device)

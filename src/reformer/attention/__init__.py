@@ -13,12 +13,14 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ReformerConfig
+from ..sequence import SequenceShard
 from .cache import LayerCache, attend_one, fill
 from .common import pad_to, padded_length, unit_keys
 from .full import full_attention
 from .hashing import auto_n_buckets, bucket_factors, draw_rotations, hash_vectors
 from .local import local_attention
 from .lsh import lsh_attention
+from .routed import Route, routed_attention
 
 __all__ = [
     "Attention",
@@ -71,6 +73,8 @@ class Attention(nn.Module):
             self.k = nn.Linear(config.d_model, inner, bias=False)
         self.v = nn.Linear(config.d_model, inner, bias=False)
         self.out = nn.Linear(inner, config.d_model, bias=config.compat.attn_out_bias)
+        # this rank's slice of every sequence under sequence parallelism (`ReformerLM.shard`)
+        self.shard: SequenceShard | None = None
 
     @property
     def chunk_len(self) -> int:
@@ -106,6 +110,8 @@ class Attention(nn.Module):
         # hash_seed: the same rotations on every call and in every layer, drawn in the
         # vectors' own dtype from a generator seeded afresh, as transformers draws them.
         draw_dtype = torch.float32
+        if self.shard is not None:  # the buckets follow the whole sequence's length
+            length = self.shard.length
         if self.hash_seed is not None:
             generator = torch.Generator(device=device).manual_seed(self.hash_seed)
             draw_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
@@ -147,6 +153,31 @@ class Attention(nn.Module):
         k = None if k is None else pad_to(k, Lp, dim=2)
         return q, k, v, pad_to(mask, Lp, dim=1)
 
+    def _routed(
+        self,
+        q: Tensor,
+        k: Tensor | None,
+        v: Tensor,
+        attention_mask: Tensor | None,
+        rotations: tuple[Tensor, ...] | None,
+    ) -> Tensor:
+        """`core` on this rank's slice of a sequence split over ranks (`sequence.routed`)."""
+        assert self.shard is not None and self.kind in ("lsh", "local"), self.kind
+        B, _, l, _ = q.shape
+        valid = torch.ones(B, l, dtype=torch.bool, device=q.device)
+        if attention_mask is not None:
+            valid = attention_mask.to(device=q.device, dtype=torch.bool)
+        C, causal = self.chunk_len, self.causal
+        around = (self.chunks_before, self.chunks_after)
+        if self.kind == "lsh":
+            assert rotations is not None
+            buckets = hash_vectors(q, rotations)
+            route = Route(C, self.lsh_mode, causal, *around, self.lsh_dedup, True, self.key_norm)
+        else:
+            buckets = None
+            route = Route(C, "local", causal, *around, False, self.shared_qk, self.key_norm)
+        return routed_attention(q, k, v, buckets, valid, self.shard, route)
+
     def core(
         self,
         q: Tensor,
@@ -158,6 +189,8 @@ class Attention(nn.Module):
         """The attention of this kind on (B, H, L, D) heads (k None: shared QK), before the
         output projection; rotations: LSH's, from `draw_rotations`."""
         L = q.shape[2]
+        if self.shard is not None:
+            return self._routed(q, k, v, attention_mask, rotations)
         if self.kind == "lsh":
             assert rotations is not None
             q, k, v, attention_mask = self._pad(q, k, v, attention_mask)

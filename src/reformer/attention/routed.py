@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..attention.common import MASK_SCORE, SELF_SCORE, unit_keys, upcast
-from .shard import SequenceShard
+from ..sequence.shard import SequenceShard
+from .common import MASK_SCORE, SELF_SCORE, unit_keys, upcast
 
 
 @dataclass(frozen=True)
