@@ -3,6 +3,7 @@
     python -m repro.run duplication      # Table 2: train full / LSH-1/2/4, evaluate each 5 ways
     python -m repro.run ablations        # Figure 3: shared-QK and reversible vs the baseline
     python -m repro.run lsh-vs-full      # LSH-4 (window, chunk) against full attention
+    python -m repro.run lsh-vs-full-long # LSH-4/8 against full until full is at 2.5 bpc
     python -m repro.run listops          # encoders on ListOps: LSH-2/4, local, full
     python -m repro.run mlm              # masked LM on the enwik8 prefix: LSH-4 against full
     python -m repro.run all
@@ -443,8 +444,19 @@ def run_experiment(name: str, data: Path, results: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m repro.run", description=__doc__.split("\n")[0])
     parser.add_argument(
-        "experiment", choices=["duplication", "ablations", "lsh-vs-full", "listops", "mlm", "all"]
+        "experiment",
+        choices=[
+            "duplication",
+            "ablations",
+            "lsh-vs-full",
+            "lsh-vs-full-long",
+            "listops",
+            "mlm",
+            "all",
+        ],
     )
+    parser.add_argument("--minutes", type=float, default=600, help="lsh-vs-full-long: stop after")
+    parser.add_argument("--stage", type=int, default=200, help="lsh-vs-full-long: steps per stage")
     parser.add_argument("--steps", type=int, help="listops, mlm: training steps per run")
     parser.add_argument("--length", type=int, default=1024, help="listops: longest expression")
     parser.add_argument(
@@ -465,6 +477,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.data / 'enwik8'} not found: pass --data with the shared data folder")
     for name in names:
         try:
+            if name == "lsh-vs-full-long":
+                from repro import long
+
+                long.run(args.data, args.results, args.stage, 2.5, args.minutes)
+                continue
             if name in ("listops", "mlm"):
                 from repro import encoder
 
