@@ -90,3 +90,65 @@ def test_refusals_name_the_problem_and_the_fix():
     lsh.shard_sequence(SequenceShard(16, 0, 2))
     with pytest.raises(ValueError, match="shard_sequence"):
         lsh.decode(torch.zeros(1, 4, dtype=torch.long))
+
+
+# --- the command line: torchrun --parallel sequence logs one process's losses ----------------
+SMALL = [
+    "train", "--model.d-model", "16", "--model.d-ff", "16", "--model.n-heads", "2",
+    "--model.n-layers", "2", "--model.chunk-len", "8", "--model.dropout", "0",
+    "--steps", "4", "--log-every", "1", "--eval-every", "2", "--eval-batches", "1",
+    "--checkpoint-every", "2", "--optim.lr", "3e-3", "--optim.warmup-steps", "2",
+    "--no-progress",
+]  # fmt: skip
+
+
+def _losses(run: Path) -> list[float]:
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] if "loss" in r else r["eval_loss"] for r in recs]
+
+
+def _bytes_file(path: Path) -> Path:
+    g = torch.Generator().manual_seed(3)
+    words = [b"alpha ", b"beta ", b"gamma\n", b"delta ", b"<page> ", b"x=1; "]
+    picks = torch.randint(0, len(words), (6000,), generator=g).tolist()
+    path.write_bytes(b"".join(words[i] for i in picks))
+    return path
+
+
+def _one_process(tmp_path: Path, name: str, args: list[str]) -> list[float]:
+    from reformer.cli import main
+
+    assert main([*args, "--out", str(tmp_path / name)]) == 0
+    return _losses(tmp_path / name)
+
+
+@pytest.mark.parametrize(
+    "task, nproc, sequence_ranks, attention",
+    [
+        ("duplication", 2, None, "local,lsh"),
+        ("enwik8", 4, None, "local,lsh"),
+        ("mlm", 2, None, "lsh,local --model.no-causal --model.vocab-size 258"),
+        ("duplication", 4, 2, "local,lsh"),
+    ],
+    ids=["duplication-2", "enwik8-4", "mlm-2", "duplication-2x2"],
+)
+def test_torchrun_sequence_parallel_logs_the_one_process_losses(
+    tmp_path, task, nproc, sequence_ranks, attention
+):
+    """fp32: the same losses (training and evaluation) as one process with the same global
+    batch; with --sequence-ranks 2 on 4 processes, two groups of two split the batch."""
+    from test_distributed import torchrun
+
+    data = ["--data", str(_bytes_file(tmp_path / "text.txt"))] if task != "duplication" else []
+    length = "38" if task == "duplication" else "45"
+    args = [*SMALL, "--task", task, *data, "--seq-len", length, "--model.max-seq-len", "64",
+            "--model.attention", *attention.split()]  # fmt: skip
+    ref = _one_process(tmp_path, "one", [*args, "--batch-size", "4"])
+    groups = nproc // (sequence_ranks or nproc)
+    par = ["--parallel", "sequence", "--batch-size", str(4 // groups)]
+    if sequence_ranks:
+        par += ["--sequence-ranks", str(sequence_ranks)]
+    torchrun([*args, *par, "--out", str(tmp_path / "seq")], nproc=nproc)
+    got = _losses(tmp_path / "seq")
+    assert len(got) == len(ref) == 6
+    assert got == pytest.approx(ref, rel=1e-5)

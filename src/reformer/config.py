@@ -445,3 +445,24 @@ def _forward_to_compat(name: str) -> property:
 ReformerConfig.__init__ = _accept_flat_compat(ReformerConfig.__init__)
 for _name in COMPAT_FIELDS:
     setattr(ReformerConfig, _name, _forward_to_compat(_name))
+
+
+def sequence_parallel_problem(config: ReformerConfig, length: int) -> str | None:
+    """Why a model (its config) cannot split sequences of `length` over ranks, or None."""
+    if "full" in config.layer_kinds:
+        return (
+            "--parallel sequence: full attention needs the whole sequence on one rank "
+            f"(layers {config.layer_kinds}); use lsh or local layers (--model.attention lsh "
+            "or local,lsh), or --parallel ddp"
+        )
+    if config.compat.lsh_wrap or config.compat.local_wrap:
+        return (
+            "--parallel sequence: wrapped chunks (compat.lsh_wrap / compat.local_wrap, "
+            "transformers' layout) are not supported; convert the model without them"
+        )
+    if config.pos_emb != "none" and length > config.max_seq_len:
+        return (
+            f"--parallel sequence: sequences of {length} positions exceed "
+            f"model.max_seq_len={config.max_seq_len}; raise --model.max-seq-len"
+        )
+    return None

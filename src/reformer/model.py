@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .attention.cache import LayerCache
 from .attention.common import upcast
 from .block import ReformerBlock
-from .config import ReformerConfig
+from .config import ReformerConfig, sequence_parallel_problem
 from .embeddings import AbsolutePositionalEmbedding, AxialPositionalEmbedding
 from .feedforward import chunked_cross_entropy
 from .reversible import reversible_forward
@@ -65,27 +65,6 @@ def not_decodable(config: ReformerConfig | nn.Module) -> str | None:
         return (
             "decode needs compat.lsh_dedup=True: the cache attends to the union of the rounds' "
             "candidates, which is the full forward only with the duplicate correction"
-        )
-    return None
-
-
-def sequence_parallel_problem(config: ReformerConfig, length: int) -> str | None:
-    """Why a model (its config) cannot split sequences of `length` over ranks, or None."""
-    if "full" in config.layer_kinds:
-        return (
-            "--parallel sequence: full attention needs the whole sequence on one rank "
-            f"(layers {config.layer_kinds}); use lsh or local layers (--model.attention lsh "
-            "or local,lsh), or --parallel ddp"
-        )
-    if config.compat.lsh_wrap or config.compat.local_wrap:
-        return (
-            "--parallel sequence: wrapped chunks (compat.lsh_wrap / compat.local_wrap, "
-            "transformers' layout) are not supported; convert the model without them"
-        )
-    if config.pos_emb != "none" and length > config.max_seq_len:
-        return (
-            f"--parallel sequence: sequences of {length} positions exceed "
-            f"model.max_seq_len={config.max_seq_len}; raise --model.max-seq-len"
         )
     return None
 
@@ -347,9 +326,16 @@ class ReformerLM(nn.Module):
         predicted from input_ids[:, :t + 1]); for a masked LM (causal=False), the original
         ids at the masked positions and ignore_index elsewhere. When fewer than half of the
         positions are scored (a masked LM's 15%), only their hidden states reach the
-        output layer.
+        output layer. Under `shard_sequence`: every rank of the group passes the whole
+        sequences and gets its slice's share of the group's mean (the shares sum to it).
         """
-        total, count = self.loss_terms(input_ids, targets, attention_mask, ignore_index)
+        if self.shard is not None:  # this rank's slice; the count is the group's
+            local = [None if t is None else self.shard.local(t) for t in (input_ids, targets)]
+            mask = None if attention_mask is None else self.shard.local(attention_mask)
+            total, count = self.loss_terms(*local, mask, ignore_index)
+            count = self.shard.total(count)
+        else:
+            total, count = self.loss_terms(input_ids, targets, attention_mask, ignore_index)
         if int(count) == 0:
             raise ValueError("targets has no scored position (all equal ignore_index)")
         return total / count
@@ -368,13 +354,18 @@ class ReformerLM(nn.Module):
         scored = targets != ignore_index
         if 2 * int(scored.sum()) < scored.numel():
             hidden, targets = hidden[scored][None], targets[scored][None]  # (1, M, W), (1, M)
-        return chunked_cross_entropy(
+        total, count = chunked_cross_entropy(
             hidden,
             targets,
             self.logits_from_hidden,
             chunk_len=self.config.loss_chunk_len,
             ignore_index=ignore_index,
         )
+        if self.shard is not None and int(count) == 0:
+            # A slice with nothing to score (a duplication task's first half) still runs its
+            # backward pass: the other ranks' attention exchanges wait for its part.
+            total = total + 0.0 * hidden.sum()
+        return total, count
 
     def _check_targets(self, targets: Tensor, input_ids: Tensor, ignore_index: int) -> None:
         if not isinstance(targets, Tensor) or targets.dtype.is_floating_point:

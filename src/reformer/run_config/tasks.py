@@ -23,7 +23,7 @@ import functools
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
-from ..config import ReformerConfig
+from ..config import ReformerConfig, sequence_parallel_problem
 from ..validate import at_least, check_annotations, within
 from .sections import (
     ClassifyConfig,
@@ -86,10 +86,14 @@ class TrainConfig(metaclass=_ByTask):
     """bf16: autocast to bfloat16 (fp32 weights, softmax statistics and accumulation); auto:
     bf16 where the device multiplies bf16 natively (CPUs with AMX or AVX-512 BF16, CUDA with
     bf16), else fp32. The run's config saves the choice; --resume keeps it."""
-    parallel: Literal["ddp", "fsdp"] = "ddp"
+    parallel: Literal["ddp", "fsdp", "sequence"] = "ddp"
     """Multi-process training (torchrun): ddp replicates the model on every rank; fsdp
-    shards parameters, gradients and optimiser state over the ranks (FSDP2). Ignored in a
-    single process."""
+    shards parameters, gradients and optimiser state over the ranks (FSDP2); sequence
+    splits every sequence over --sequence-ranks ranks (LSH and local layers; language
+    models and mlm). Ignored in a single process."""
+    sequence_ranks: int | None = None
+    """--parallel sequence: ranks that share one sequence (default: all of them); the
+    world size over it splits the batch (data parallel)."""
     progress: bool = True
     tensorboard: bool = False
     """Also log every metric to DIR/tensorboard (TensorBoard event files; needs the
@@ -118,6 +122,20 @@ class TrainConfig(metaclass=_ByTask):
             at_least("eval_batch_size", self.eval_batch_size, 1)
         if self.max_minutes is not None:
             at_least("max_minutes", self.max_minutes, 0, strict=True)
+        if self.sequence_ranks is not None:
+            at_least("sequence_ranks", self.sequence_ranks, 1)
+            if self.parallel != "sequence":
+                raise ValueError(
+                    "sequence_ranks applies to --parallel sequence only; add --parallel "
+                    "sequence or drop --sequence-ranks"
+                )
+        if self.parallel == "sequence" and self.task in ("translation", "classify", "listops"):
+            raise ValueError(
+                f"--parallel sequence does not split task {self.task!r} (language models "
+                "and mlm only); use --parallel ddp or fsdp"
+            )
+        if self.parallel == "sequence" and sequence_parallel_problem(self.model, 0):
+            raise ValueError(sequence_parallel_problem(self.model, 0))
 
 
 @dataclass

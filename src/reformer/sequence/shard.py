@@ -60,6 +60,12 @@ class SequenceShard:
         """This rank's slice of a whole-sequence tensor along `dim`."""
         return x.narrow(dim, self.start, self.stop - self.start)
 
+    def total(self, x: Tensor) -> Tensor:
+        """The sum of `x` over the group's ranks (no gradient)."""
+        x = x.detach().clone()
+        dist.all_reduce(x, group=self.group)
+        return x
+
     def gather_counts(self, counts: Tensor) -> Tensor:
         """(size, *counts.shape): every rank's `counts`, in rank order (no gradient)."""
         parts = [torch.empty_like(counts) for _ in range(self.size)]

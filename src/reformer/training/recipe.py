@@ -29,6 +29,9 @@ class Recipe:
 
     def __init__(self, cfg: TrainConfig, rank: int, world_size: int, device: torch.device):
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
+        # the batch's split: by rank, or by sequence group under --parallel sequence (whose
+        # ranks all hold the same rows; `training.sequence` sets these)
+        self.data_rank, self.data_world = rank, world_size
 
     def prepare(self, out: Path) -> None:
         """Data and tokenizers, on every rank, before the model is built. Files it writes
@@ -62,7 +65,7 @@ class Recipe:
         evaluates alone, on as many rows per batch as one process with the global batch."""
         cfg = self.cfg
         return dict(
-            batch_size=cfg.eval_batch_size or cfg.batch_size * self.world_size,
+            batch_size=cfg.eval_batch_size or cfg.batch_size * self.data_world,
             max_batches=cfg.eval_batches or None,
             device=self.device,
             precision=cfg.precision,

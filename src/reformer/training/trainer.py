@@ -71,6 +71,7 @@ from .precision import resolve_precision
 from .progress import Progress
 from .recipe import Recipe
 from .resume import check_resume_state, newest_checkpoint, pick_checkpoint
+from .sequence import sequence_layout, sum_gradients, unsharded
 
 Callback = Callable[[str, dict[str, Any]], None]
 _CALLBACKS: list[Callback] = []
@@ -162,6 +163,13 @@ class Trainer:
         self.device = local_device(device) if self.launched else device
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.recipe = recipe_cls(cfg, rank, world_size, self.device)
+        self.layout = None  # --parallel sequence: this rank's sequence group
+        if self.launched and cfg.parallel == "sequence":
+            self.layout = sequence_layout(cfg.sequence_ranks, rank, world_size)
+            self.recipe.data_rank, self.recipe.data_world = (
+                self.layout.data_rank,
+                self.layout.data_world,
+            )
         self.signals = StopSignals(announce=rank == 0)
 
     def run(self) -> dict[str, Any]:
@@ -234,6 +242,9 @@ class Trainer:
             line = self.recipe.describe(model)
             if line:
                 print(line, flush=True)
+        if self.layout is not None:
+            task = getattr(self.recipe, "task", None)  # images: its own length
+            model.shard_sequence(self.layout.shard(getattr(task, "seq_len", cfg.seq_len)))
         wrapped, opt, sched = self._wrap(model, opt, sched, start)
         model.train()  # whatever mode build_model or init_from left it in
         progress = Progress(cfg.steps, start, rank == 0 and cfg.progress)
@@ -271,7 +282,7 @@ class Trainer:
     def _wrap(self, model: nn.Module, opt: Any, sched: Any, start: int) -> tuple[Any, Any, Any]:
         """Launched: the loss module wrapped in DDP or FSDP2 (FSDP also rebuilds the optimiser
         and schedule over the sharded parameters, carrying over the loaded state)."""
-        if not self.launched:
+        if not self.launched or self.layout is not None:
             return None, opt, sched
         cfg = self.cfg
         wrapped = wrap_model(_LossModule(model, self.recipe), cfg.parallel, self.device)
@@ -303,6 +314,8 @@ class Trainer:
                     loss = recipe.micro_loss(out, micros)
                 loss.backward()
             loss_value += float(loss.detach())
+        if self.layout is not None:
+            sum_gradients(loop.model, self.layout.data_world)
         loss_value = self._agree_on_stop(loop, loss_value)
         if not math.isfinite(loss_value):
             raise TrainingDiverged(
@@ -335,7 +348,7 @@ class Trainer:
             loss_sum, late, signalled = all_reduce_sum(
                 [loss_value, late, float(signum > 0)], self.device
             )
-            loss_value = loss_sum / self.world_size
+            loss_value = loss_sum / self.recipe.data_world  # a sequence group's ranks add
             if signalled:  # rare: one more collective to agree on which signal
                 signum = int(all_reduce_max(signum, self.device))
             late = late > 0
@@ -392,7 +405,8 @@ class Trainer:
             loop.wrapped.unshard()  # type: ignore[union-attr, operator]
         if self.rank == 0:
             t_eval = time.perf_counter()
-            loop.last_eval = self.recipe.evaluate(loop.model)
+            with unsharded(loop.model):  # whole sequences on rank 0 alone
+                loop.last_eval = self.recipe.evaluate(loop.model)
             loop.metrics.write(
                 {"step": loop.step}
                 | {f"eval_{k}": v for k, v in loop.last_eval.items()}

@@ -209,10 +209,12 @@ class MLMRecipe(Recipe):
         for micro in range(acc):
             i = step * acc + micro
             ids, _ = self.corpus.train_batch(
-                i, cfg.batch_size, cfg.seq_len, cfg.seed, self.rank, self.world_size
+                i, cfg.batch_size, cfg.seq_len, cfg.seed, self.data_rank, self.data_world
             )
             gen = make_generator(cfg.seed, "mlm-mask", i)
-            inputs, targets = self.rule.apply(ids, gen, rank=self.rank, world_size=self.world_size)
+            inputs, targets = self.rule.apply(
+                ids, gen, rank=self.data_rank, world_size=self.data_world
+            )
             out.append((inputs.to(self.device), targets.to(self.device)))
         return out
 
@@ -220,7 +222,7 @@ class MLMRecipe(Recipe):
         return output / len(micros)
 
     def tokens(self, micros) -> int:
-        return sum(ids.numel() for ids, _ in micros) * self.world_size
+        return sum(ids.numel() for ids, _ in micros) * self.data_world
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         return evaluate_mlm(
@@ -308,7 +310,7 @@ class ClassifyRecipe(Recipe):
         out = []
         for micro in range(acc):
             batch = self.train_set.train_batch(
-                step * acc + micro, cfg.batch_size, cfg.seed, self.rank, self.world_size
+                step * acc + micro, cfg.batch_size, cfg.seed, self.data_rank, self.data_world
             )
             out.append(tuple(t.to(self.device) for t in batch))
         return out
@@ -317,7 +319,7 @@ class ClassifyRecipe(Recipe):
         return output / len(micros)
 
     def tokens(self, micros) -> int:
-        return sum(int(mask.sum()) for _, mask, _ in micros) * self.world_size
+        return sum(int(mask.sum()) for _, mask, _ in micros) * self.data_world
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         return evaluate_classifier(model, self.val_set, **self.eval_settings())

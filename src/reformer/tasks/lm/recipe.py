@@ -144,7 +144,7 @@ class LMRecipe(Recipe):
         out = []
         for micro in range(acc):
             ids, targets = self.task.train_batch(
-                step * acc + micro, cfg.batch_size, cfg.seed, self.rank, self.world_size
+                step * acc + micro, cfg.batch_size, cfg.seed, self.data_rank, self.data_world
             )
             out.append((ids.to(self.device), targets.to(self.device)))
         return out
@@ -153,12 +153,12 @@ class LMRecipe(Recipe):
         return output / len(micros)  # a mean over the micro-batch's tokens already
 
     def tokens(self, micros) -> int:
-        return sum(ids.numel() for ids, _ in micros) * self.world_size
+        return sum(ids.numel() for ids, _ in micros) * self.data_world
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         return evaluate(model, self.task, **self.eval_settings())
 
     def state(self, step: int) -> dict[str, Any]:
         cfg = self.cfg
-        per_step = cfg.batch_size * self.task.seq_len * cfg.optim.accumulate * self.world_size
+        per_step = cfg.batch_size * self.task.seq_len * cfg.optim.accumulate * self.data_world
         return {"step": step, "tokens": step * per_step}
