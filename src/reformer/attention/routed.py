@@ -28,9 +28,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from ..sequence.shard import SequenceShard
 from .common import MASK_SCORE, SELF_SCORE, unit_keys, upcast
+
+# Scores (heads x rounds x queries x keys) an owner computes at once: each slice of query
+# chunks is recomputed in the backward pass, so this bounds the attention's working set.
+SLICE_SCORES = 1 << 21
 
 
 @dataclass(frozen=True)
@@ -262,15 +267,38 @@ class Segment:
     ) -> tuple[Tensor, Tensor]:
         """One sequence's segment: chunks [first, last) of every (head, round) as queries,
         with keys from `before` chunks earlier to `after` chunks later. Returns outputs
-        (H, R, n C, D) and log-sum-exps (H, R, n C) in the scores' dtype."""
+        (H, R, n C, D) and log-sum-exps (H, R, n C) in the scores' dtype. The query chunks
+        are attended a slice at a time under activation checkpointing (about SLICE_SCORES
+        scores each), so the scores of only one slice exist at once, forward or backward."""
         route, H, R, C = self.route, self.H, self.R, self.route.chunk_len
         n, nb, na = last - first, route.before, route.after
         S = (n + nb + na) * C
         at = (meta[:, _H], meta[:, _R], meta[:, _SLOT] - (first - nb) * C)
         buf = rows.new_zeros(H, R, S, rows.shape[-1]).index_put(at, rows)
         info = meta.new_full((H, R, S, meta.shape[1]), -1).index_put(at, meta)
+        W = (nb + 1 + na) * C
+        step = max(1, SLICE_SCORES // (H * R * C * W))
+        outs, lses = [], []
+        for c0 in range(0, n, step):
+            c1 = min(n, c0 + step)
+            keys = buf[:, :, c0 * C : (c1 + nb + na) * C]  # the slice's chunks and neighbours
+            k_info = info[:, :, c0 * C : (c1 + nb + na) * C]
+            if keys.requires_grad:
+                o, lse = checkpoint(self._slice, keys, k_info, D, use_reentrant=False)
+            else:
+                o, lse = self._slice(keys, k_info, D)
+            outs.append(o)
+            lses.append(lse)
+        return torch.cat(outs, 2), torch.cat(lses, 2)
 
-        def windows(x: Tensor) -> Tensor:  # (H, R, S, ...) -> (H, R, n, W, ...)
+    def _slice(self, buf: Tensor, info: Tensor, D: int) -> tuple[Tensor, Tensor]:
+        """Query chunks nb .. m - na of buf (H, R, m C, F) against their windows:
+        (H, R, n C, D) outputs and (H, R, n C) log-sum-exps, n = m - nb - na."""
+        route, H, R, C = self.route, self.H, self.R, self.route.chunk_len
+        nb, na = route.before, route.after
+        n = buf.shape[2] // C - nb - na
+
+        def windows(x: Tensor) -> Tensor:  # (H, R, m C, ...) -> (H, R, n, W, ...)
             x = x.reshape(H, R, n + nb + na, C, *x.shape[3:])
             return torch.cat([x[:, :, i : i + n] for i in range(nb + na + 1)], dim=3)
 
@@ -281,8 +309,7 @@ class Segment:
         scores = self._mask(scores, q_info.unsqueeze(4), k_info.unsqueeze(3))
         lse = torch.logsumexp(scores, dim=-1)
         probs = torch.exp(scores - lse.unsqueeze(-1))
-        values = upcast(keys[..., -D:])
-        out = torch.einsum("hrncw,hrnwd->hrncd", probs, values)
+        out = torch.einsum("hrncw,hrnwd->hrncd", probs, upcast(keys[..., -D:]))
         return out.reshape(H, R, n * C, D), lse.reshape(H, R, n * C)
 
     def _scores(self, queries: Tensor, keys: Tensor, D: int) -> Tensor:
