@@ -10,9 +10,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from reformer.attention import local_attention, lsh_attention
+from reformer.attention import local_attention, lsh_attention, routed
+from reformer.attention.halo import halo_local_attention
 from reformer.attention.hashing import auto_n_buckets, draw_rotations, hash_vectors
-from reformer.attention import routed
 from reformer.attention.routed import Route, routed_attention
 from reformer.sequence.shard import SequenceShard
 
@@ -27,6 +27,7 @@ CASES = {
     "lsh-encoder-wide": ("lsh", "chunk", False, 2, 2, 1, True),
     "local-causal": ("local", "local", True, 1, 1, 0, True),
     "local-encoder-qk": ("local", "local", False, 1, 1, 1, False),
+    "local-wide-qk": ("local", "local", False, 1, 3, 2, False),
 }
 
 
@@ -77,10 +78,21 @@ def one_case(name: str, shard: SequenceShard, C: int = 4) -> list[float]:
     mine = [shard.local(t.detach(), 2).clone().requires_grad_(True) for t in full]
     valid = shard.local(mask, 1)
     buckets = hash_vectors(mine[0], rot) if kind == "lsh" else None
-    route = Route(C, mode, causal, nb, na, True, shared)
-    out = routed_attention(
-        mine[0], None if k is None else mine[2], mine[1], buckets, valid, shard, route
-    )
+    if kind == "lsh":
+        route = Route(C, mode, causal, nb, na, True)
+        out = routed_attention(mine[0], mine[1], buckets, valid, shard, route)
+    else:
+        out = halo_local_attention(
+            mine[0],
+            None if k is None else mine[2],
+            mine[1],
+            valid,
+            shard,
+            chunk_len=C,
+            causal=causal,
+            chunks_before=nb,
+            chunks_after=na,
+        )
     (out * shard.local(w, 2) * valid[:, None, :, None]).sum().backward()
     m = valid[:, None, :, None]
     err = float(((out - shard.local(ref.detach(), 2)) * m).abs().max())
@@ -93,6 +105,7 @@ def main() -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", rank=rank, world_size=world)
     routed.SLICE_SCORES = 300  # a few query chunks per checkpointed slice
+    routed.GROUP_ENTRIES = 1500  # and one head per group
     results = {}
     for L in (37, 64):
         for name in CASES:

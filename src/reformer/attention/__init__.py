@@ -17,6 +17,7 @@ from ..sequence import SequenceShard
 from .cache import LayerCache, attend_one, fill
 from .common import pad_to, padded_length, unit_keys
 from .full import full_attention
+from .halo import halo_local_attention
 from .hashing import auto_n_buckets, bucket_factors, draw_rotations, hash_vectors
 from .local import local_attention
 from .lsh import lsh_attention
@@ -161,7 +162,8 @@ class Attention(nn.Module):
         attention_mask: Tensor | None,
         rotations: tuple[Tensor, ...] | None,
     ) -> Tensor:
-        """`core` on this rank's slice of a sequence split over ranks (`sequence.routed`)."""
+        """`core` on this rank's slice of a sequence split over ranks: LSH routed by its sort
+        (`routed.py`), local attention with a halo from the neighbours (`halo.py`)."""
         assert self.shard is not None and self.kind in ("lsh", "local"), self.kind
         B, _, l, _ = q.shape
         valid = torch.ones(B, l, dtype=torch.bool, device=q.device)
@@ -172,11 +174,12 @@ class Attention(nn.Module):
         if self.kind == "lsh":
             assert rotations is not None
             buckets = hash_vectors(q, rotations)
-            route = Route(C, self.lsh_mode, causal, *around, self.lsh_dedup, True, self.key_norm)
-        else:
-            buckets = None
-            route = Route(C, "local", causal, *around, False, self.shared_qk, self.key_norm)
-        return routed_attention(q, k, v, buckets, valid, self.shard, route)
+            route = Route(C, self.lsh_mode, causal, *around, self.lsh_dedup, self.key_norm)
+            return routed_attention(q, v, buckets, valid, self.shard, route)
+        return halo_local_attention(
+            q, k, v, valid, self.shard, chunk_len=C, causal=causal, key_norm=self.key_norm,
+            chunks_before=around[0], chunks_after=around[1],
+        )  # fmt: skip
 
     def core(
         self,

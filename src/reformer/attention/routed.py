@@ -1,7 +1,7 @@
-"""LSH and local attention over a sequence split across ranks, routed by the sort itself.
+"""LSH attention over a sequence split across ranks, routed by the sort itself.
 
-Legend: B batch, H heads, l this rank's positions, D head dim, R rounds (1 for local
-attention), C chunk length, N ranks, E routed entries (one per real token, head and round).
+Legend: B batch, H heads, l this rank's positions, D head dim, R rounds, C chunk length,
+N ranks, E routed entries (one per real token, head and round).
 
 One process sorts each round's tokens by (bucket, position) and attends within chunks of C
 sorted slots (`attention/lsh.py`). Here no rank holds the whole sort, but each token can learn
@@ -12,8 +12,8 @@ travels to the owner of its slot, and to the owners whose queries need it as a k
 `before` chunks after a segment's start, the `after` chunks before it), in one all-to-all
 with every round at once. Each owner attends over its segment as one process would, and sends
 every query's output and log-sum-exp back to the token's rank, where the rounds combine as in
-one process. Autograd reverses the exchanges in the backward pass. Local attention is the
-same with one round and the slot of a token its position.
+one process. Autograd reverses the exchanges in the backward pass. (Local attention needs
+only a halo of positions from its neighbours: `halo.py`.)
 
 Padded tokens are never routed: in one process they sort after every real token (a bucket of
 their own), so they move no real token's slot and are never a candidate; their outputs are 0.
@@ -23,25 +23,26 @@ slot of both tokens, which travel with them) are those of `reference.lsh_candida
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from ..memory import release_free_memory
 from ..sequence.shard import SequenceShard
 from .common import MASK_SCORE, SELF_SCORE, unit_keys, upcast
 
 # Scores (heads x rounds x queries x keys) an owner computes at once: each slice of query
 # chunks is recomputed in the backward pass, so this bounds the attention's working set.
 SLICE_SCORES = 1 << 21
+# Values (batch x heads x rounds x slice length x row width) routed at once: see below.
+GROUP_ENTRIES = 1 << 22
 
 
 @dataclass(frozen=True)
 class Route:
-    """What a routed attention layer computes: `mode` "window" or "chunk" (LSH) or "local";
-    shared: keys are the unit-length queries (else separate keys scaled by 1/sqrt(D))."""
+    """What a routed LSH layer computes (`lsh_attention`'s layout arguments)."""
 
     chunk_len: int
     mode: str
@@ -49,56 +50,67 @@ class Route:
     before: int = 1
     after: int = 0
     dedup: bool = True
-    shared: bool = True
     key_norm: str = "l2"
 
 
 def routed_attention(
-    q: Tensor,
-    k: Tensor | None,
-    v: Tensor,
-    buckets: Tensor | None,
-    valid: Tensor,
-    shard: SequenceShard,
-    route: Route,
+    qk: Tensor, v: Tensor, buckets: Tensor, valid: Tensor, shard: SequenceShard, route: Route
 ) -> Tensor:
-    """Attention of this rank's queries over the whole sequence.
+    """Shared-QK LSH attention of this rank's queries over the whole sequence.
 
     Args:
-        q, k, v: (B, H, l, D) this rank's slice (k None: shared QK).
-        buckets: (B, H, R, l) LSH buckets in [0, K) of this rank's tokens, or None for local
-            attention.
+        qk, v: (B, H, l, D) this rank's slice.
+        buckets: (B, H, R, l) LSH buckets of this rank's tokens (`hash_vectors`).
         valid: (B, l) bool, True at real tokens.
     Returns:
         (B, H, l, D); 0 at padded positions.
+
+    Heads go in groups of about GROUP_ENTRIES routed values, each group under activation
+    checkpointing: only one group's exchange buffers exist at once, forward or backward (the
+    backward pass repeats the group's exchanges, on every rank in the same order).
     """
-    B, H, l, D = q.shape
-    slots, n_slots = global_slots(buckets, valid, shard, H)  # (B, H, R, l), (B,)
+    B, H, _, D = qk.shape
+    R = buckets.shape[2]
+    # heads per group, from the global length so that every rank makes the same groups
+    per_head = B * R * (shard.length // shard.size + 1) * D * 2
+    step = max(1, GROUP_ENTRIES // per_head)
+    outs = []
+    for h in range(0, H, step):
+        part = [t[:, h : h + step] for t in (qk, v, buckets)]
+        if torch.is_grad_enabled() and (qk.requires_grad or v.requires_grad):
+            outs.append(checkpoint(_routed_heads, *part, valid, shard, route, use_reentrant=False))
+        else:
+            outs.append(_routed_heads(*part, valid, shard, route))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+
+
+def _routed_heads(
+    qk: Tensor, v: Tensor, buckets: Tensor, valid: Tensor, shard: SequenceShard, route: Route
+) -> Tensor:
+    """`routed_attention` of a group of heads: one exchange out, one back. Free heap pages
+    of the previous group go back to the OS first (`memory.py`): the groups' buffers differ
+    in size from the layer's other blocks, and glibc would otherwise keep them resident."""
+    release_free_memory(qk)
+    B, H, l, D = qk.shape
+    slots, n_slots = global_slots(buckets, valid, shard)  # (B, H, R, l), (B,)
     plan = Plan.build(slots, n_slots, shard, route)
-    rows = torch.cat([t for t in (q, k, v) if t is not None], dim=-1)  # (B, H, l, F)
+    rows = torch.cat([qk, v], dim=-1)  # (B, H, l, 2 D)
     sent = rows.reshape(-1, rows.shape[-1]).index_select(0, plan.rows)
     got = shard.exchange(sent, plan.send, plan.recv)
     got_meta = shard.exchange(plan.meta(slots, buckets, shard.start), plan.send, plan.recv)
     seg = Segment(got_meta, plan.recv, n_slots, shard, route, H, slots.shape[2])
     results = seg.attend(got, D)  # (primaries received, D + 1): output and log-sum-exp
     returned = shard.exchange(results, seg.back, plan.primary_counts)
-    return _combine(returned, plan, (B, H, slots.shape[2], l, D), q.dtype)
+    return _combine(returned, plan, (B, H, slots.shape[2], l, D), qk.dtype)
 
 
 @torch.no_grad()
-def global_slots(
-    buckets: Tensor | None, valid: Tensor, shard: SequenceShard, heads: int
-) -> tuple[Tensor, Tensor]:
+def global_slots(buckets: Tensor, valid: Tensor, shard: SequenceShard) -> tuple[Tensor, Tensor]:
     """(B, H, R, l): every local token's slot in its round's global sort by (bucket,
     position) among the sequence's real tokens, -1 at padding; and (B,) how many slots each
-    sequence has. Local attention (buckets None, R = 1): the slot is the position, and every
-    position has one (padded ones are no candidates)."""
-    B, l = valid.shape
+    sequence has."""
+    l = valid.shape[1]
     device = valid.device
-    if buckets is None:
-        pos = torch.arange(shard.start, shard.stop, device=device)
-        slots = torch.where(valid, pos, -1)[:, None, None, :].expand(B, heads, 1, l)
-        return slots, torch.full((B,), shard.length, dtype=torch.long, device=device)
     K = int(shard.gather_counts(buckets.amax().reshape(1).clamp(min=0)).max()) + 1
     hist = torch.zeros(*buckets.shape[:3], K, dtype=torch.long, device=device)
     hist.scatter_add_(-1, buckets, valid[:, None, None, :].expand_as(buckets).long())
@@ -179,7 +191,7 @@ class Plan:
         )
 
     @torch.no_grad()
-    def meta(self, slots: Tensor, buckets: Tensor | None, start: int) -> Tensor:
+    def meta(self, slots: Tensor, buckets: Tensor, start: int) -> Tensor:
         """(S, 7 + 2 R) int64 per sent entry: b, h, r, slot, primary, global position, bucket
         (in the entry's round), then the token's slot and bucket in every round (for the
         duplicate count)."""
@@ -187,10 +199,7 @@ class Plan:
         e = self.entry
         t, r, h, b = e % l, (e // l) % R, (e // (R * l)) % H, e // (H * R * l)
         every_slot = slots.permute(0, 1, 3, 2)[b, h, t]  # (S, R)
-        if buckets is None:
-            every_bucket = torch.zeros_like(every_slot)
-        else:
-            every_bucket = buckets.permute(0, 1, 3, 2)[b, h, t]
+        every_bucket = buckets.permute(0, 1, 3, 2)[b, h, t]
         slot = slots.reshape(-1)[e]
         bucket = every_bucket.gather(1, r[:, None]).squeeze(1)
         cols = [b, h, r, slot, self.primary.long(), t + start, bucket]
@@ -313,16 +322,13 @@ class Segment:
         return out.reshape(H, R, n * C, D), lse.reshape(H, R, n * C)
 
     def _scores(self, queries: Tensor, keys: Tensor, D: int) -> Tensor:
-        """(H, R, n, C, W) q . k_hat (shared QK) or q . k / sqrt(D)."""
-        if self.route.shared:
-            k = unit_keys(keys[..., :D], self.route.key_norm)
-        else:
-            k = keys[..., D : 2 * D] * (1.0 / math.sqrt(D))
+        """(H, R, n, C, W) q . k_hat, the keys the unit-length query-keys."""
+        k = unit_keys(keys[..., :D], self.route.key_norm)
         return torch.einsum("hrncd,hrnwd->hrncw", queries, upcast(k))
 
     def _mask(self, scores: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
         """Scores of the pairs outside the candidate set to MASK_SCORE, minus log N_ij
-        (dedup), the self pair to SELF_SCORE (shared QK). qi (.., C, 1, M), ki (.., 1, W, M)."""
+        (dedup), the self pair to SELF_SCORE. qi (.., C, 1, M), ki (.., 1, W, M)."""
         route, R = self.route, self.R
         allowed = (qi[..., _POS] >= 0) & (ki[..., _POS] >= 0)
         if route.causal:
@@ -336,9 +342,7 @@ class Segment:
             count = sum(self._member(qi, ki, rr) for rr in range(R))
             scores = scores - torch.log(count.clamp(min=1).to(scores.dtype))
         scores = scores.masked_fill(~allowed, MASK_SCORE)
-        if route.shared:
-            scores = scores.masked_fill(allowed & (ki[..., _POS] == qi[..., _POS]), SELF_SCORE)
-        return scores
+        return scores.masked_fill(allowed & (ki[..., _POS] == qi[..., _POS]), SELF_SCORE)
 
     def _member(self, qi: Tensor, ki: Tensor, rr: int) -> Tensor:
         """Whether j is in S_rr(i), as int, from both tokens' slots and buckets in round rr."""
