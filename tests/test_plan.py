@@ -138,9 +138,36 @@ def test_cli_plan_prints_the_breakdown_and_the_longest_fit(tmp_path):
         (["--preset", "enwik8-small", "--length", "0"], "--length must be >= 1"),
         (["--preset", "multi30k-small"], "language-model runs"),
         (["--preset", "enwik8-small", "--model.d-model", "-3"], "d_model"),
+        (
+            ["--preset", "enwik8-small", "--model.attention", "full", "--sequence-ranks", "2"],
+            "full attention needs the whole sequence",
+        ),
+        (["--preset", "enwik8-small", "--sequence-ranks", "0"], "--sequence-ranks must be >= 1"),
     ],
 )
 def test_cli_plan_refuses_bad_input_clearly(args, message):
     proc = run_cli(*args)
     assert proc.returncode == 2, proc.stdout
     assert message in proc.stderr
+
+
+def test_cli_plan_per_rank_of_a_sequence_group(tmp_path):
+    """--sequence-ranks N plans one rank: its slice of the positions and LSH's routed working
+    set, so the per-rank peak falls with N (bench.sequence measured 938 MiB per rank of 2
+    against the plan's 869 at 64K: docs/distributed.md), and the longest fit grows."""
+    peaks, longest = {}, {}
+    for n in (1, 2, 8):
+        out = tmp_path / f"plan{n}.json"
+        proc = run_cli(
+            "--preset", "enwik8-small", "--length", "65536", "--batch", "1", "--budget", "4GiB",
+            "--sequence-ranks", str(n), "--json", str(out),
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        data = json.loads(out.read_text())
+        peaks[n], longest[n] = data["predicted_peak_bytes"], data["longest_fitting"]
+        assert data["sequence_ranks"] == n
+    assert "per rank of 8 sharing each sequence" in proc.stdout
+    assert 0.45 < peaks[2] / peaks[1] < 0.65
+    assert peaks[8] < peaks[2] and longest[1] < longest[2] < longest[8]
+    config = lsh_model(layers=4, attention="local,lsh")
+    assert plan_memory(config, 65536, ranks=2).peak < plan_memory(config, 32768).peak * 1.2

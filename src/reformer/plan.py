@@ -64,6 +64,7 @@ class MemoryPlan:
     optimizer: str
     parameters: int
     components: dict[str, int] = field(default_factory=dict)
+    ranks: int = 1  # --parallel sequence: the figures are one rank's of this many
     phases: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -84,9 +85,10 @@ class MemoryPlan:
 
     def table(self) -> str:
         """A plain-text breakdown, one component per line, the phases and the totals."""
+        split = f", per rank of {self.ranks} sharing each sequence" if self.ranks > 1 else ""
         lines = [
             f"training step of {describe(self.config)}: L {self.length:,}, batch {self.batch}, "
-            f"{self.precision}, {self.optimizer}",
+            f"{self.precision}, {self.optimizer}{split}",
             f"{'component':<46}{'MiB':>12}",
             f"{'parameters (resident before the step)':<46}{self.parameters * 4 / MiB:>12,.1f}",
         ]
@@ -134,12 +136,14 @@ def plan_memory(
     batch: int = 1,
     precision: str = "fp32",
     optimizer: str = "adamw",
+    ranks: int = 1,
 ) -> MemoryPlan:
     """The predicted peak memory of one training step of a ReformerLM (`MemoryPlan`).
 
     length: tokens per sequence (the model's max_seq_len is raised to it if shorter);
     precision: "fp32" or "bf16" (autocast: fp32 parameters and streams, bf16 activations);
-    optimizer: "adamw", "adafactor" or "sgd".
+    optimizer: "adamw", "adafactor" or "sgd"; ranks: --parallel sequence over this many
+    ranks, the figures one rank's (its slice of the positions, LSH's routed working set).
     """
     if length < 1 or batch < 1:
         raise ValueError(f"length and batch must be >= 1 (got {length}, {batch})")
@@ -150,8 +154,9 @@ def plan_memory(
         cfg.max_seq_len = length
     shapes = _param_shapes(cfg)
     act = 2 if precision == "bf16" else 4
-    components, phases = _step_memory(cfg, length, batch, act, shapes, optimizer)
+    components, phases = _step_memory(cfg, length, batch, act, shapes, optimizer, ranks)
     return MemoryPlan(
+        ranks=ranks,
         config=cfg,
         length=length,
         batch=batch,
@@ -164,17 +169,21 @@ def plan_memory(
 
 
 def _attention_step(
-    cfg: ReformerConfig, kind: str, length: int, B: int, act: int
+    cfg: ReformerConfig, kind: str, length: int, B: int, act: int, ranks: int = 1
 ) -> tuple[int, int]:
     """(core tensors, working set) of one attention step's backward pass, bytes; act is the
-    bytes of one activation element (2 bf16, 4 fp32)."""
+    bytes of one activation element (2 bf16, 4 fp32); length: this rank's positions."""
     inner = cfg.n_heads * cfg.head_dim
     H, R = cfg.n_heads, cfg.n_hashes
     C = cfg.chunk_len_for(kind) if kind != "full" else 1
+    n = sum(cfg.resolved_chunks) + 1  # chunks per window: 2 causal, 3 for encoders
+    if ranks > 1 and kind == "local":
+        length += n * C  # the halo borrowed from the neighbours
     Lp = padded_length(length, C)
     core = ATTENTION_TENSORS * B * Lp * inner * act
-    n = sum(cfg.resolved_chunks) + 1  # chunks per window: 2 causal, 3 for encoders
-    if kind == "lsh":
+    if ranks > 1 and kind == "lsh":
+        work = _routed_work(cfg, length, B, act)
+    elif kind == "lsh":
         # per (batch, head, round, position): n C pair codes (int8), the sorted slot's
         # source row (int64), its row maximum and weight (fp32), and its hash bucket
         work = B * H * R * Lp * (n * C + 8 + 4 + 4 + 8)
@@ -187,6 +196,22 @@ def _attention_step(
     return core, work
 
 
+def _routed_work(cfg: ReformerConfig, length: int, B: int, act: int) -> int:
+    """LSH's working set on one rank of a sequence group (`attention/routed.py`): one head
+    group's routed rows (sent, received, laid out, and their gradients), metadata and
+    returned results, one slice of scores, and every head's buckets and slots."""
+    from .attention.routed import GROUP_ENTRIES, SLICE_SCORES
+
+    H, R, D = cfg.n_heads, cfg.n_hashes, cfg.head_dim
+    heads = min(H, max(1, GROUP_ENTRIES // (B * R * (length + 1) * D * 2)))
+    E = B * heads * R * length  # routed entries of one head group
+    rows = 6 * E * 2 * D * act
+    meta = 3 * E * (8 + 2 * R) * 8 + 4 * E * 8
+    results = 4 * E * (D + 1) * 4
+    slots = 3 * B * H * R * length * 8
+    return rows + meta + results + SLICE_SCORES * 24 + slots
+
+
 def _step_memory(
     cfg: ReformerConfig,
     length: int,
@@ -194,15 +219,17 @@ def _step_memory(
     act: int,
     shapes: list[tuple[torch.Size, bool]],
     optimizer: str,
+    ranks: int = 1,
 ) -> tuple[dict[str, int], dict[str, int]]:
     """(bytes by component, bytes by phase of the step) for `MemoryPlan`; the attention
     figures are those of the layer kind with the largest step."""
     d, V = cfg.d_model, cfg.vocab_size
     n_grad = sum(math.prod(s) for s, g in shapes if g)
+    length = -(-length // ranks)  # this rank's positions
     tokens = B * length
     stream = tokens * d * 4
     kinds = list(dict.fromkeys(cfg.layer_kinds))
-    attn = {k: _attention_step(cfg, k, length, B, act) for k in kinds}
+    attn = {k: _attention_step(cfg, k, length, B, act, ranks) for k in kinds}
     worst = max(kinds, key=lambda k: sum(attn[k]))
     core, work = attn[worst]
     ff_chunk = min(cfg.ff_chunk_len or length, length)
@@ -240,13 +267,18 @@ def longest_fitting(
     precision: str = "fp32",
     optimizer: str = "adamw",
     multiple: int | None = None,
+    ranks: int = 1,
 ) -> tuple[int, MemoryPlan] | None:
     """The longest length (a multiple of `multiple`, default the LSH chunk length) whose
-    model + step (`MemoryPlan.total`) fits `budget_bytes`, with its plan; None if none does."""
-    step = multiple or config.chunk_len_for("lsh")
+    model + step (`MemoryPlan.total`) fits `budget_bytes`, with its plan; None if none does.
+    ranks: the budget is each rank's of a sequence group of this many."""
+    step = (multiple or config.chunk_len_for("lsh")) * ranks
+
+    def plan(n: int) -> MemoryPlan:
+        return plan_memory(config, n * step, batch, precision, optimizer, ranks)
 
     def fits(n: int) -> bool:
-        return plan_memory(config, n * step, batch, precision, optimizer).total <= budget_bytes
+        return plan(n).total <= budget_bytes
 
     if not fits(1):
         return None
@@ -261,7 +293,7 @@ def longest_fitting(
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo * step, plan_memory(config, lo * step, batch, precision, optimizer)
+    return lo * step, plan(lo)
 
 
 def parse_size(text: str) -> float:

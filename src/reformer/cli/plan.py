@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import tyro
 
+from ..config import sequence_parallel_problem
 from ..files import atomic_write
 from ..plan import (
     GiB,
@@ -50,6 +51,9 @@ class PlanArgs:
     """Also run two real steps in a fresh process and print their measured peak."""
     json: str | None = None
     """Also write the plan to this JSON file."""
+    sequence_ranks: int = 1
+    """Plan one rank of --parallel sequence over this many ranks (its slice of every
+    sequence; LSH and local layers only)."""
 
 
 def parse_plan_args(argv: list[str]) -> tuple[PlanArgs, list[str]]:
@@ -70,7 +74,12 @@ def cmd_plan(argv: list[str]) -> int:
     length, batch = _length_and_batch(cfg, args)
     device = str(resolve_device(cfg.device))
     cfg.precision = resolve_precision(cfg.precision, torch.device(device))[0]  # auto: as train
-    plan = plan_memory(cfg.model, length, batch, cfg.precision, cfg.optim.name)
+    if args.sequence_ranks < 1:
+        raise ValueError(f"--sequence-ranks must be >= 1 (got {args.sequence_ranks})")
+    problem = sequence_parallel_problem(cfg.model, 0) if args.sequence_ranks > 1 else None
+    if problem:
+        raise ValueError(problem)
+    plan = plan_memory(cfg.model, length, batch, cfg.precision, cfg.optim.name, args.sequence_ranks)
     print(plan.table())
     if length > cfg.model.max_seq_len:
         print(
@@ -90,9 +99,10 @@ def cmd_plan(argv: list[str]) -> int:
         "phases_bytes": plan.phases,
         "predicted_peak_bytes": plan.peak,
         "predicted_total_bytes": plan.total,
+        "sequence_ranks": args.sequence_ranks,
     }
     if budget is not None:
-        best = _print_longest_fitting(cfg, budget, args.budget, batch)
+        best = _print_longest_fitting(cfg, budget, args.budget, batch, args.sequence_ranks)
         out["budget_bytes"], out["longest_fitting"] = budget, best[0] if best else None
     if args.measure:
         out["measured_peak_bytes"] = _print_measured(cfg, plan, length, batch, device)
@@ -126,10 +136,11 @@ def _length_and_batch(cfg: TrainConfig, args: PlanArgs) -> tuple[int, int]:
 
 
 def _print_longest_fitting(
-    cfg: TrainConfig, budget: float, budget_text: str, batch: int
+    cfg: TrainConfig, budget: float, budget_text: str, batch: int, ranks: int = 1
 ) -> tuple[int, MemoryPlan] | None:
-    """Print the longest length whose model + step fits the budget; return it with its plan."""
-    best = longest_fitting(cfg.model, budget, batch, cfg.precision, cfg.optim.name)
+    """Print the longest length whose model + step fits the budget (per rank of `ranks`);
+    return it with its plan."""
+    best = longest_fitting(cfg.model, budget, batch, cfg.precision, cfg.optim.name, ranks=ranks)
     if best is None:
         print(f"\nnothing fits {budget_text}: even one chunk needs more")
     else:
