@@ -114,6 +114,8 @@ def main() -> None:
         for name in MODELS:
             results[f"{name}/L{L}"] = model_case(name, SequenceShard(L, rank, world))
     results["dropout"] = dropout_case(SequenceShard(37, rank, world))
+    for pooling in ("mean", "first"):
+        results[f"classify-{pooling}/L37"] = classify_case(SequenceShard(37, rank, world), pooling)
     with open(f"{out}.{rank}.json", "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()
@@ -183,6 +185,47 @@ def model_case(name: str, shard: SequenceShard) -> list[float]:
     )
     scale = min(float(b.grad.abs().max()) for b in ref.parameters())
     return [err, grads, scale]
+
+
+def classify_case(shard: SequenceShard, pooling: str) -> list[float]:
+    """A classifier (mean or first-position pooling, padding): class logits, the loss and
+    every parameter's gradient against one process."""
+    from reformer import ReformerConfig
+    from reformer.tasks.encoder.model import ReformerClassifier
+
+    L = shard.length
+    cfg = ReformerConfig(vocab_size=11, d_model=16, d_ff=24, n_heads=2, n_layers=2,
+                         chunk_len=4, max_seq_len=64, dropout=0.0, causal=False,
+                         attention="lsh,local", n_hashes=2)  # fmt: skip
+    torch.manual_seed(0)
+    ref = ReformerClassifier(cfg, 3, pooling).double()
+    mine = ReformerClassifier(cfg, 3, pooling).double()
+    mine.load_state_dict(ref.state_dict())
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 11, (2, L), generator=g)
+    mask = torch.ones(2, L, dtype=torch.bool)
+    mask[1, -6:] = False
+    labels = torch.tensor([2, 0])
+    torch.manual_seed(5)
+    loss_ref = ref.loss(ids, labels, mask)
+    loss_ref.backward()
+    mine.shard_sequence(shard)
+    torch.manual_seed(5)
+    part = mine.loss(ids, labels, mask)
+    part.backward()
+    loss = shard.total(part)
+    for p in mine.parameters():
+        dist.all_reduce(p.grad)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        a = ref(ids, mask)
+        torch.manual_seed(5)
+        b = mine(shard.local(ids), shard.local(mask))
+    err = max(float((a - b).abs().max()), abs(float(loss) - float(loss_ref)))
+    grads = max(
+        float((x.grad - y.grad).abs().max()) for x, y in zip(mine.parameters(), ref.parameters())
+    )
+    return [err, grads, min(float(y.grad.abs().max()) for y in ref.parameters())]
 
 
 def dropout_case(shard: SequenceShard) -> list[float]:

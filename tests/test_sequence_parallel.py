@@ -61,6 +61,14 @@ def test_model_logits_loss_and_gradients_equal_one_process(ranks, case, length):
         assert smallest_grad > 1e3 * EXACT  # every parameter's gradient is a real number
 
 
+@pytest.mark.parametrize("pooling", ["mean", "first"])
+def test_classifier_logits_loss_and_gradients_equal_one_process(ranks, pooling):
+    for rank in ranks:
+        err, grad_err, smallest_grad = rank[f"classify-{pooling}/L37"]
+        assert err < EXACT and grad_err < EXACT, (pooling, err, grad_err)
+        assert smallest_grad > 1e3 * EXACT
+
+
 def test_dropout_is_deterministic_and_acts(ranks):
     for rank in ranks:
         rerun_diff, dropout_effect = rank["dropout"]
@@ -129,8 +137,9 @@ def _one_process(tmp_path: Path, name: str, args: list[str]) -> list[float]:
         ("enwik8", 4, None, "local,lsh"),
         ("mlm", 2, None, "lsh,local --model.no-causal --model.vocab-size 258"),
         ("duplication", 4, 2, "local,lsh"),
+        ("classify", 2, None, "lsh,local --model.no-causal --model.vocab-size 258"),
     ],
-    ids=["duplication-2", "enwik8-4", "mlm-2", "duplication-2x2"],
+    ids=["duplication-2", "enwik8-4", "mlm-2", "duplication-2x2", "classify-2"],
 )
 def test_torchrun_sequence_parallel_logs_the_one_process_losses(
     tmp_path, task, nproc, sequence_ranks, attention
@@ -140,6 +149,10 @@ def test_torchrun_sequence_parallel_logs_the_one_process_losses(
     from test_distributed import torchrun
 
     data = ["--data", str(_bytes_file(tmp_path / "text.txt"))] if task != "duplication" else []
+    if task == "classify":
+        from test_encoder_cli import _labelled_dir
+
+        data = ["--data", str(_labelled_dir(tmp_path / "labelled", "jsonl"))]
     length = "38" if task == "duplication" else "45"
     args = [*SMALL, "--task", task, *data, "--seq-len", length, "--model.max-seq-len", "64",
             "--model.attention", *attention.split()]  # fmt: skip

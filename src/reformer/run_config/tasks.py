@@ -90,7 +90,7 @@ class TrainConfig(metaclass=_ByTask):
     """Multi-process training (torchrun): ddp replicates the model on every rank; fsdp
     shards parameters, gradients and optimiser state over the ranks (FSDP2); sequence
     splits every sequence over --sequence-ranks ranks (LSH and local layers; language
-    models and mlm). Ignored in a single process."""
+    models and encoders). Ignored in a single process."""
     sequence_ranks: int | None = None
     """--parallel sequence: ranks that share one sequence (default: all of them); the
     world size over it splits the batch (data parallel)."""
@@ -129,10 +129,10 @@ class TrainConfig(metaclass=_ByTask):
                     "sequence_ranks applies to --parallel sequence only; add --parallel "
                     "sequence or drop --sequence-ranks"
                 )
-        if self.parallel == "sequence" and self.task in ("translation", "classify", "listops"):
+        if self.parallel == "sequence" and self.task == "translation":
             raise ValueError(
-                f"--parallel sequence does not split task {self.task!r} (language models "
-                "and mlm only); use --parallel ddp or fsdp"
+                "--parallel sequence does not split the encoder-decoder (task translation); "
+                "use --parallel ddp or fsdp"
             )
         if self.parallel == "sequence" and sequence_parallel_problem(self.model, 0):
             raise ValueError(sequence_parallel_problem(self.model, 0))

@@ -66,6 +66,11 @@ class SequenceShard:
         dist.all_reduce(x, group=self.group)
         return x
 
+    def sum(self, x: Tensor) -> Tensor:
+        """The sum of `x` over the group's ranks, differentiable: every rank's gradient is the
+        sum of the ranks' gradients (each rank's loss being its share of the group's)."""
+        return _GroupSum.apply(x, self.group)
+
     def gather_counts(self, counts: Tensor) -> Tensor:
         """(size, *counts.shape): every rank's `counts`, in rank order (no gradient)."""
         parts = [torch.empty_like(counts) for _ in range(self.size)]
@@ -104,3 +109,20 @@ class _Exchange(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         send, recv, group = ctx.plan
         return _all_to_all(grad, recv, send, group), None, None, None
+
+
+class _GroupSum(torch.autograd.Function):
+    """all_reduce(sum) whose backward pass is the all_reduce(sum) of the gradients."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None

@@ -63,8 +63,17 @@ class ReformerClassifier(ReformerLM):
         self.n_classes, self.pooling = n_classes, pooling
 
     def logits_from_hidden(self, hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """(B, L, W) -> (B, K)."""
-        return self.head(pool(self.norm(hidden), attention_mask, self.pooling))
+        """(B, L, W) -> (B, K). Under `shard_sequence`: this rank's (B, l, W) slice, pooled
+        over the whole sequence through the group (every rank gets the same logits)."""
+        if self.shard is None:
+            return self.head(pool(self.norm(hidden), attention_mask, self.pooling))
+        states = self.norm(hidden)
+        if self.pooling == "first":  # position 0 is rank 0's
+            return self.head(self.shard.sum(states[:, 0] * (self.shard.rank == 0)))
+        w = torch.ones_like(states[..., :1]) if attention_mask is None else (
+            attention_mask.to(states.dtype)[..., None])  # fmt: skip
+        count = self.shard.total(w.sum(dim=1)).clamp(min=1.0)
+        return self.head(self.shard.sum((states * w).sum(dim=1)) / count)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """(B, L) token ids -> (B, K) class logits."""
@@ -74,7 +83,9 @@ class ReformerClassifier(ReformerLM):
     def loss(  # type: ignore[override]
         self, input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None = None
     ) -> Tensor:
-        """Mean cross-entropy (nats) of the class logits against labels (B,)."""
+        """Mean cross-entropy (nats) of the class logits against labels (B,). Under
+        `shard_sequence`: whole sequences on every rank of the group, and each rank's share
+        of the loss (the shares sum to it)."""
         if not isinstance(labels, Tensor) or labels.dtype.is_floating_point:
             raise TypeError("labels must be an integer tensor of class ids")
         if labels.shape != input_ids.shape[:1]:
@@ -83,8 +94,14 @@ class ReformerClassifier(ReformerLM):
             )
         if int(labels.min()) < 0 or int(labels.max()) >= self.n_classes:
             raise ValueError(f"labels must lie in [0, n_classes={self.n_classes})")
+        share = 1.0
+        if self.shard is not None:  # whole sequences in, this rank's share of the loss out
+            input_ids = self.shard.local(input_ids)
+            attention_mask = None if attention_mask is None else self.shard.local(attention_mask)
+            share = 1.0 / self.shard.size
         logits = self(input_ids, attention_mask)
-        return F.cross_entropy(logits.float() if logits.dtype != torch.float64 else logits, labels)
+        logits = logits.float() if logits.dtype != torch.float64 else logits
+        return F.cross_entropy(logits, labels) * share
 
     def decode(self, *args, **kwargs):  # type: ignore[override]
         raise ValueError("a classifier has no incremental decoding (it is not a causal LM)")
