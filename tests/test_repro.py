@@ -55,3 +55,29 @@ def test_encoder_reproduction_runs_parse(name, tmp_path):
     if name == "listops":
         assert kinds == {"lsh-2": ("lsh", 2), "lsh-4": ("lsh", 4), "local": ("local", 2),
                          "full": ("full", 2)}  # fmt: skip
+
+
+def test_long_comparison_runs_parse_and_differ_only_in_attention(tmp_path):
+    """repro.long: full, LSH-4 and LSH-8 share every flag but the attention, and a run's
+    training seconds up to a step add its resumed sessions."""
+    import json
+
+    from repro import long
+
+    exp = long.experiment(tmp_path, stage=100)
+    cfgs = {r.name: parse_train_args([*exp.common, *r.args, "--out", "x"]) for r in exp.runs}
+    kinds = {n: (c.model.attention, c.model.n_hashes) for n, c in cfgs.items()}
+    assert kinds["full"][0] == "full"
+    assert (kinds["lsh-4"], kinds["lsh-8"]) == (("lsh", 4), ("lsh", 8))
+    base = cfgs["full"]
+    for c in cfgs.values():
+        assert (c.seed, c.seq_len, c.optim, c.precision) == (
+            base.seed, base.seq_len, base.optim, base.precision)  # fmt: skip
+        assert c.model.lsh_mode == "window" and c.eval_every == 100
+    run = tmp_path / "run"
+    run.mkdir()
+    recs = [{"step": 20, "elapsed_s": 10.0}, {"step": 40, "elapsed_s": 20.0},
+            {"step": 60, "elapsed_s": 5.0}, {"step": 80, "elapsed_s": 12.0}]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert long._seconds_to(run, 60) == 25.0  # 20 s in the first session, 5 in the second
+    assert long._seconds_to(run, 80) == 32.0
