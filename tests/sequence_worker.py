@@ -42,7 +42,10 @@ def inputs(L: int, kind: str, shared: bool, seed: int):
     return q, (None if shared else k), v, mask, w
 
 
-def one_case(name: str, shard: SequenceShard, C: int = 4) -> list[float]:
+def one_case(name: str, shard: SequenceShard, C: int = 4, dtype=F64) -> list[float]:
+    """Routed attention of this rank's slice in `dtype` against one process in float64:
+    [output error, input-gradient error], relative to the largest reference value outside
+    float64."""
     kind, mode, causal, R, nb, na, shared = CASES[name]
     L = shard.length
     q, k, v, mask, w = inputs(L, kind, shared, seed=len(name))
@@ -75,9 +78,10 @@ def one_case(name: str, shard: SequenceShard, C: int = 4) -> list[float]:
             chunks_after=na,
         )
     (ref * w * mask[:, None, :, None]).sum().backward()
-    mine = [shard.local(t.detach(), 2).clone().requires_grad_(True) for t in full]
+    mine = [shard.local(t.detach(), 2).to(dtype).requires_grad_(True) for t in full]
     valid = shard.local(mask, 1)
-    buckets = hash_vectors(mine[0], rot) if kind == "lsh" else None
+    # the reference's buckets (hashing rounded vectors could move a token to another bucket)
+    buckets = hash_vectors(shard.local(q, 2), rot) if kind == "lsh" else None
     if kind == "lsh":
         route = Route(C, mode, causal, nb, na, True)
         out = routed_attention(mine[0], mine[1], buckets, valid, shard, route)
@@ -93,10 +97,16 @@ def one_case(name: str, shard: SequenceShard, C: int = 4) -> list[float]:
             chunks_before=nb,
             chunks_after=na,
         )
-    (out * shard.local(w, 2) * valid[:, None, :, None]).sum().backward()
+    (out.to(F64) * shard.local(w, 2) * valid[:, None, :, None]).sum().backward()
     m = valid[:, None, :, None]
-    err = float(((out - shard.local(ref.detach(), 2)) * m).abs().max())
-    grad = max(float((a.grad - shard.local(b.grad, 2)).abs().max()) for a, b in zip(mine, full))
+    ref_out = shard.local(ref.detach(), 2)
+    scale = 1.0 if dtype == F64 else float(ref_out.abs().max())
+    err = float(((out.detach().to(F64) - ref_out) * m).abs().max()) / scale
+    grad = 0.0
+    for a, b in zip(mine, full):
+        ref_grad = shard.local(b.grad, 2)
+        g_scale = 1.0 if dtype == F64 else float(ref_grad.abs().max())
+        grad = max(grad, float((a.grad.to(F64) - ref_grad).abs().max()) / g_scale)
     return [err, grad]
 
 
@@ -114,6 +124,10 @@ def main() -> None:
         for name in MODELS:
             results[f"{name}/L{L}"] = model_case(name, SequenceShard(L, rank, world))
     results["dropout"] = dropout_case(SequenceShard(37, rank, world))
+    for name in ("lsh-window-2", "lsh-encoder-2", "local-causal"):
+        results[f"{name}/bf16"] = one_case(
+            name, SequenceShard(37, rank, world), dtype=torch.bfloat16
+        )
     for pooling in ("mean", "first"):
         results[f"classify-{pooling}/L37"] = classify_case(SequenceShard(37, rank, world), pooling)
     with open(f"{out}.{rank}.json", "w") as f:

@@ -52,6 +52,15 @@ def test_routed_attention_equals_one_process(ranks, case, length):
         assert out_err < EXACT and grad_err < EXACT, (case, length, out_err, grad_err)
 
 
+@pytest.mark.parametrize("case", ["lsh-window-2", "lsh-encoder-2", "local-causal"])
+def test_routed_attention_in_bf16_is_within_its_tolerance(ranks, case):
+    """bf16 slices (fp32 scores and accumulation) against one float64 process: errors
+    relative to the largest reference value, as tests/test_bf16_attention.py keys them."""
+    for rank in ranks:
+        out_err, grad_err = rank[f"{case}/bf16"]
+        assert out_err < 0.03 and grad_err < 0.03, (case, out_err, grad_err)
+
+
 @pytest.mark.parametrize("length", [37, 64])
 @pytest.mark.parametrize("case", list(sequence_worker.MODELS))
 def test_model_logits_loss_and_gradients_equal_one_process(ranks, case, length):
