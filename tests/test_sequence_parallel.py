@@ -110,12 +110,14 @@ def test_refusals_name_the_problem_and_the_fix():
 
 
 # --- the command line: torchrun --parallel sequence logs one process's losses ----------------
+RUN = [
+    "train", "--model.dropout", "0", "--steps", "4", "--log-every", "1", "--eval-every", "2",
+    "--eval-batches", "1", "--checkpoint-every", "2", "--optim.lr", "3e-3",
+    "--optim.warmup-steps", "2", "--no-progress",
+]  # fmt: skip
 SMALL = [
-    "train", "--model.d-model", "16", "--model.d-ff", "16", "--model.n-heads", "2",
-    "--model.n-layers", "2", "--model.chunk-len", "8", "--model.dropout", "0",
-    "--steps", "4", "--log-every", "1", "--eval-every", "2", "--eval-batches", "1",
-    "--checkpoint-every", "2", "--optim.lr", "3e-3", "--optim.warmup-steps", "2",
-    "--no-progress",
+    "--model.d-model", "16", "--model.d-ff", "16", "--model.n-heads", "2",
+    "--model.n-layers", "2", "--model.chunk-len", "8", "--model.max-seq-len", "64",
 ]  # fmt: skip
 
 
@@ -140,31 +142,41 @@ def _one_process(tmp_path: Path, name: str, args: list[str]) -> list[float]:
 
 
 @pytest.mark.parametrize(
-    "task, nproc, sequence_ranks, attention",
+    "task, nproc, sequence_ranks, model",
     [
-        ("duplication", 2, None, "local,lsh"),
-        ("enwik8", 4, None, "local,lsh"),
-        ("mlm", 2, None, "lsh,local --model.no-causal --model.vocab-size 258"),
-        ("duplication", 4, 2, "local,lsh"),
-        ("classify", 2, None, "lsh,local --model.no-causal --model.vocab-size 258"),
+        ("duplication", 2, None, "--preset duplication-small --seq-len 250"),
+        ("enwik8", 4, None, "--model.attention local,lsh"),
+        ("mlm", 2, None, "--model.attention lsh,local --model.no-causal --model.vocab-size 258"),
+        ("duplication", 4, 2, "--preset duplication-small --seq-len 250"),
+        (
+            "classify",
+            2,
+            None,
+            "--model.attention lsh,local --model.no-causal --model.vocab-size 258",
+        ),
     ],
     ids=["duplication-2", "enwik8-4", "mlm-2", "duplication-2x2", "classify-2"],
 )
 def test_torchrun_sequence_parallel_logs_the_one_process_losses(
-    tmp_path, task, nproc, sequence_ranks, attention
+    tmp_path, task, nproc, sequence_ranks, model
 ):
     """fp32: the same losses (training and evaluation) as one process with the same global
-    batch; with --sequence-ranks 2 on 4 processes, two groups of two split the batch."""
+    batch: the duplication preset (LSH-4), and small local/LSH models on text, masked LM and
+    classification; with --sequence-ranks 2 on 4 processes, two groups of two split the
+    batch. Lengths are not multiples of chunk x ranks."""
     from test_distributed import torchrun
 
-    data = ["--data", str(_bytes_file(tmp_path / "text.txt"))] if task != "duplication" else []
-    if task == "classify":
-        from test_encoder_cli import _labelled_dir
+    if task == "duplication":
+        args = [*RUN, "--task", task, *model.split()]
+    else:
+        if task == "classify":
+            from test_encoder_cli import _labelled_dir
 
-        data = ["--data", str(_labelled_dir(tmp_path / "labelled", "jsonl"))]
-    length = "38" if task == "duplication" else "45"
-    args = [*SMALL, "--task", task, *data, "--seq-len", length, "--model.max-seq-len", "64",
-            "--model.attention", *attention.split()]  # fmt: skip
+            data = _labelled_dir(tmp_path / "labelled", "jsonl")
+        else:
+            data = _bytes_file(tmp_path / "text.txt")
+        args = [*RUN, *SMALL, "--task", task, "--data", str(data), "--seq-len", "45",
+                *model.split()]  # fmt: skip
     ref = _one_process(tmp_path, "one", [*args, "--batch-size", "4"])
     groups = nproc // (sequence_ranks or nproc)
     par = ["--parallel", "sequence", "--batch-size", str(4 // groups)]
