@@ -186,3 +186,19 @@ def test_torchrun_sequence_parallel_logs_the_one_process_losses(
     got = _losses(tmp_path / "seq")
     assert len(got) == len(ref) == 6
     assert got == pytest.approx(ref, rel=1e-5)
+
+
+def test_torchrun_sequence_parallel_resumes_bit_exactly_with_dropout(tmp_path):
+    """Dropout 0.1 under --parallel sequence: 3 steps, then --resume to 6, logs exactly the
+    losses of 6 steps in one go (every rank replays the same seeds and its own masks)."""
+    from test_distributed import torchrun
+
+    args = [*RUN[:1], "--preset", "duplication-small", "--seq-len", "250", "--model.dropout",
+            "0.1", "--log-every", "1", "--eval-every", "3", "--eval-batches", "1",
+            "--checkpoint-every", "3", "--no-progress", "--batch-size", "4",
+            "--parallel", "sequence"]  # fmt: skip
+    torchrun([*args, "--steps", "6", "--out", str(tmp_path / "whole")])
+    torchrun([*args, "--steps", "3", "--out", str(tmp_path / "parts")])
+    torchrun([*args, "--steps", "6", "--out", str(tmp_path / "parts"), "--resume"])
+    assert _losses(tmp_path / "parts") == _losses(tmp_path / "whole")
+    assert len(_losses(tmp_path / "whole")) == 8  # 6 steps and 2 evaluations
