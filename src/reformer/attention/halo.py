@@ -49,15 +49,15 @@ def halo_local_attention(
     rows = [t.permute(2, 0, 1, 3).reshape(l, -1) for t in heads]
     rows = torch.cat([*rows, valid.t().to(q.dtype)], dim=1)
     spans = [window(shard, r, chunk_len, chunks_before, chunks_after) for r in range(shard.size)]
+    lo, hi = spans[me]
     send, recv, pieces = [], [], []
-    for r, (lo, hi) in enumerate(spans):
-        a, b = max(lo, P0), min(hi, P1)  # my positions rank r needs
+    for r, (r_lo, r_hi) in enumerate(spans):
+        a, b = max(r_lo, P0), min(r_hi, P1)  # my positions rank r needs
         n = max(0, b - a) if r != me else 0
         send.append(n)
         pieces.append(rows[a - P0 : a - P0 + n])
-        lo_me, hi_me = spans[me]
-        s0, s1 = shard.bounds[r], shard.bounds[r + 1]
-        recv.append(max(0, min(hi_me, s1) - max(lo_me, s0)) if r != me else 0)
+        s0, s1 = shard.bounds[r], shard.bounds[r + 1]  # rank r's positions I need
+        recv.append(max(0, min(hi, s1) - max(lo, s0)) if r != me else 0)
     got = shard.exchange(torch.cat(pieces), send, recv)
     before_me = sum(recv[:me])
     full = torch.cat([got[:before_me], rows, got[before_me:]])  # positions lo .. hi
@@ -71,5 +71,4 @@ def halo_local_attention(
     out = local_attention(qw, kw, vw, chunk_len=chunk_len, causal=causal, attention_mask=mask,
                           key_norm=key_norm, chunks_before=chunks_before,
                           chunks_after=chunks_after)  # fmt: skip
-    lo = spans[me][0]
     return out[:, :, P0 - lo : P1 - lo]
