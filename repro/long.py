@@ -28,7 +28,6 @@ from repro.run import (
     eval_curve,
     evaluate_run,
     plot,
-    records,
     reformer,
     train_seconds,
 )
@@ -36,7 +35,7 @@ from repro.run import (
 NAME = "lsh-vs-full-long"
 HASH_COUNTS = (1, 2, 4, 8, 16)
 
-# The model (chosen by the measurements in results/lsh-vs-full-long/README.md): 3 reversible
+# The model (chosen by brief measurements: docs/reproductions.md, lr_sweep.txt): 3 reversible
 # layers of d_model 256 at length 2048, 4 x 2048 bytes per step, bf16, constant learning rate
 # after warm-up (a schedule that does not depend on the number of steps, so runs extend).
 MODEL = [
@@ -200,7 +199,7 @@ def run(data: Path, results: Path, stage: int, target: float, minutes: float) ->
     root.mkdir(parents=True, exist_ok=True)
     done = train_stages(exp, root, stage, target, minutes)
     common = min(last_bpc(root / r.name)[0] for r in exp.runs)
-    seconds = {r.name: _seconds_to(root / r.name, common) for r in exp.runs}
+    seconds = {r.name: train_seconds(root / r.name, common) for r in exp.runs}
     evals = {r.name: evaluate_run(exp, root / r.name) for r in exp.runs}
     outside = mass_outside(root / "full")
     text = summarise(exp, root, evals, seconds, outside)
@@ -233,17 +232,3 @@ def run(data: Path, results: Path, stage: int, target: float, minutes: float) ->
     atomic_write(root / "summary.md", f"# {exp.title}\n\n`{summary['command']}`\n\n{text}\n")
     print(text, flush=True)
     return summary
-
-
-def _seconds_to(run_dir: Path, step: int) -> float:
-    """Training seconds of a run up to `step` (its log summed over resumed sessions)."""
-    if all(r.get("step", 0) <= step for r in records(run_dir)):
-        return train_seconds(run_dir)
-    total, last = 0.0, 0.0
-    for r in records(run_dir):
-        if "elapsed_s" not in r or r["step"] > step:
-            continue
-        if r["elapsed_s"] < last:
-            total += last
-        last = r["elapsed_s"]
-    return total + last

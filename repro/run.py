@@ -217,12 +217,12 @@ def train_run(exp: Experiment, run: Run, out: Path) -> float:
     return train_seconds(out)
 
 
-def train_seconds(run_dir: Path) -> float:
-    """A run's training seconds from its log, summed over the sessions that trained it
-    (elapsed_s restarts when a run is resumed)."""
+def train_seconds(run_dir: Path, upto: int | None = None) -> float:
+    """A run's training seconds from its log (up to step `upto` if given), summed over the
+    sessions that trained it (elapsed_s restarts when a run is resumed)."""
     total, last = 0.0, 0.0
     for r in records(run_dir):
-        if "elapsed_s" in r:
+        if "elapsed_s" in r and (upto is None or r["step"] <= upto):
             if r["elapsed_s"] < last:
                 total += last
             last = r["elapsed_s"]

@@ -8,7 +8,7 @@ import pytest
 from reformer.cli.train import parse_train_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from repro.run import PAPER_TABLE2, experiments
+from repro.run import PAPER_TABLE2, experiments, train_seconds
 
 
 @pytest.mark.parametrize("name", ["duplication", "ablations", "lsh-vs-full"])
@@ -79,5 +79,5 @@ def test_long_comparison_runs_parse_and_differ_only_in_attention(tmp_path):
     recs = [{"step": 20, "elapsed_s": 10.0}, {"step": 40, "elapsed_s": 20.0},
             {"step": 60, "elapsed_s": 5.0}, {"step": 80, "elapsed_s": 12.0}]  # fmt: skip
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    assert long._seconds_to(run, 60) == 25.0  # 20 s in the first session, 5 in the second
-    assert long._seconds_to(run, 80) == 32.0
+    assert train_seconds(run, 60) == 25.0  # 20 s in the first session, 5 in the second
+    assert train_seconds(run, 80) == 32.0

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..config import ReformerConfig
 from ..sequence import SequenceShard
 from .cache import LayerCache, attend_one, fill
-from .common import pad_to, padded_length, unit_keys
+from .common import pad_to, padded_length, unit_keys, valid_positions
 from .full import full_attention
 from .halo import halo_local_attention
 from .hashing import auto_n_buckets, bucket_factors, draw_rotations, hash_vectors
@@ -166,9 +166,7 @@ class Attention(nn.Module):
         (`routed.py`), local attention with a halo from the neighbours (`halo.py`)."""
         assert self.shard is not None and self.kind in ("lsh", "local"), self.kind
         B, _, l, _ = q.shape
-        valid = torch.ones(B, l, dtype=torch.bool, device=q.device)
-        if attention_mask is not None:
-            valid = attention_mask.to(device=q.device, dtype=torch.bool)
+        valid = valid_positions(B, l, l, attention_mask, q.device)
         C, causal = self.chunk_len, self.causal
         around = (self.chunks_before, self.chunks_after)
         if self.kind == "lsh":

@@ -256,8 +256,8 @@ class Segment:
             first, last = self.bounds[b].tolist()
             if last == first:
                 continue
-            out, lse = self._sequence(got[sel], self.meta[sel], first, last, D)
             m = self.meta[sel]
+            out, lse = self._sequence(got[sel], m, first, last, D)
             mine = m[:, _PRIMARY].bool()
             m = m[mine]
             at = (m[:, _H] * self.R + m[:, _R]) * ((last - first) * self.route.chunk_len) + (
