@@ -9,6 +9,14 @@ reversible engine between the layers it recomputes, runs glibc's `malloc_trim(0)
 pages go back to the kernel and the next layer faults in only what it uses. It changes no
 allocator setting, runs only on glibc, only for CPU tensors of at least `MIN_BYTES`, and is
 switched off with `REFORMER_MALLOC_TRIM=0` in the environment or `set_release(False)`.
+
+`fixed_mmap_threshold` is the one setting changed, and only by a rank of a sequence-parallel
+run (`ReformerLM.shard_sequence`), whose reason to exist is memory: with the threshold fixed at
+`RANK_MMAP_THRESHOLD`, every block at least that large is mapped and unmapped on its own, so
+the rank's peak is its live tensors. Measured at 64K tokens with 2 ranks (`bench/sequence.py`):
+about 850 MiB per rank with it, 1,000-1,350 MiB without it (the routed exchanges' buffers of
+every size left resident in the heap), for a step up to a third slower (fresh pages fault in).
+The same switches turn it off.
 """
 
 from __future__ import annotations
@@ -29,12 +37,17 @@ _enabled = os.environ.get("REFORMER_MALLOC_TRIM", "1").strip().lower() not in (
     "no",
     "off",
 )
+# glibc's mallopt parameter number of M_MMAP_THRESHOLD, and the value a sequence-parallel rank
+# fixes it at: the blocks of the routed exchanges and the reversible stack are larger.
+_M_MMAP_THRESHOLD = -3
+RANK_MMAP_THRESHOLD = 4 << 20
 _trim = None
+_libc = None
 _loaded = False
 
 
-def _malloc_trim():
-    global _trim, _loaded
+def _glibc():
+    global _trim, _libc, _loaded
     if not _loaded:
         _loaded = True
         try:
@@ -42,9 +55,24 @@ def _malloc_trim():
             _ = libc.gnu_get_libc_version  # AttributeError off glibc
             _trim = libc.malloc_trim
             _trim.argtypes, _trim.restype = [ctypes.c_size_t], ctypes.c_int
+            libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+            _libc = libc
         except (OSError, AttributeError):
-            _trim = None
+            _trim = _libc = None
+    return _libc
+
+
+def _malloc_trim():
+    _glibc()
     return _trim
+
+
+def fixed_mmap_threshold(nbytes: int = RANK_MMAP_THRESHOLD) -> bool:
+    """Fix glibc's mmap threshold at `nbytes` for the rest of the process (it stops rising
+    as blocks are freed), so that freed blocks of at least that size leave no resident pages.
+    True when set; False off glibc or when switched off (see the module's docstring)."""
+    libc = _glibc() if _enabled else None
+    return libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, int(nbytes)) == 1
 
 
 def set_release(enabled: bool) -> None:

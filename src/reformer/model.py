@@ -18,6 +18,7 @@ from .block import ReformerBlock
 from .config import ReformerConfig, sequence_parallel_problem
 from .embeddings import AbsolutePositionalEmbedding, AxialPositionalEmbedding
 from .feedforward import chunked_cross_entropy
+from .memory import fixed_mmap_threshold
 from .reversible import reversible_forward
 from .seeding import dropout_mask, rank_generator
 from .seeding import seeded_generator as make_generator
@@ -160,6 +161,8 @@ class ReformerLM(nn.Module):
             problem = sequence_parallel_problem(self.config, shard.length)
             if problem:
                 raise ValueError(problem)
+            if shard.size > 1 and self.token_emb.weight.device.type == "cpu":
+                fixed_mmap_threshold()  # a rank's peak is its live tensors (memory.py)
         self.shard = shard
         for block in self.blocks:
             block.attn.shard = shard
