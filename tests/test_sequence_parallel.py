@@ -113,8 +113,9 @@ def test_a_rank_returns_freed_blocks_to_the_os():
     rank at 64K tokens (bench/sequence.py)."""
     freed = {}
     for mode in ("rank", "plain"):
-        out = subprocess.run([sys.executable, "-c", _RSS_PROBE, mode], capture_output=True,
-                             text=True, check=True, env=os.environ | {"OMP_NUM_THREADS": "1"})  # fmt: skip
+        env = os.environ | {"OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-c", _RSS_PROBE, mode]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         freed[mode] = int(out.stdout.split()[-1])
     assert freed["rank"] >= 30, freed  # 32 MiB back to the OS
     assert freed["plain"] < 8, freed  # the control: glibc alone keeps them
