@@ -35,7 +35,7 @@ def _config(preset: str, length: int):
 
 def predicted_bytes(cfg, length: int, ranks: int) -> dict[str, int]:
     """Bytes a rank sends to the other ranks in one training step (batch 1, fp32). Per LSH
-    layer and direction, every token's rows (qk and v) and metadata (8 + 2 R int64) for each
+    layer and direction, every token's rows (qk and v) and metadata (7 + 2 R int64) for each
     head and round go to the owner of their slot, 1/N of them to the rank itself, and each
     query's output and log-sum-exp come back; the forward exchange runs three times (the
     forward pass, the reversible recompute, the checkpointed head group's recompute in the
@@ -44,7 +44,7 @@ def predicted_bytes(cfg, length: int, ranks: int) -> dict[str, int]:
     H, R, D, C = cfg.n_heads, cfg.n_hashes, cfg.head_dim, cfg.chunk_len_for("lsh")
     entries = H * R * length // ranks
     off = (ranks - 1) / ranks
-    forward = entries * (2 * D * 4 + (8 + 2 * R) * 8 + (D + 1) * 4) * off
+    forward = entries * (2 * D * 4 + (7 + 2 * R) * 8 + (D + 1) * 4) * off
     backward = entries * (2 * D * 4 + (D + 1) * 4) * off
     lsh = sum(k == "lsh" for k in cfg.layer_kinds)
     halo = (len(cfg.layer_kinds) - lsh) * 2 * C * H * (3 * D + 1) * 4

@@ -117,7 +117,7 @@ def main() -> None:
     routed.SLICE_SCORES = 300  # a few query chunks per checkpointed slice
     routed.GROUP_ENTRIES = 1500  # and one head per group
     results = {}
-    for L in (37, 64):
+    for L in (8, 37, 64):  # 8: fewer sorted chunks than 4 ranks, some own none
         for name in CASES:
             shard = SequenceShard(L, rank, world)
             results[f"{name}/L{L}"] = one_case(name, shard)
@@ -130,6 +130,10 @@ def main() -> None:
         )
     for pooling in ("mean", "first"):
         results[f"classify-{pooling}/L37"] = classify_case(SequenceShard(37, rank, world), pooling)
+        results[f"classify-{pooling}/narrow"] = classify_case(
+            SequenceShard(37, rank, world), pooling, width=9
+        )
+    results["group-mismatch-refused"] = group_mismatch_case(rank, world)
     with open(f"{out}.{rank}.json", "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()
@@ -187,7 +191,8 @@ def model_case(name: str, shard: SequenceShard) -> list[float]:
     (part / counts).backward()
     loss = part.detach().clone()
     dist.all_reduce(loss)
-    for p in mine.parameters():
+    for p in mine.parameters():  # a slice that scores nothing leaves the head without one
+        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
         dist.all_reduce(p.grad)
     torch.manual_seed(5)
     logits = mine(shard.local(ids), shard.local(mask)).detach()
@@ -201,9 +206,10 @@ def model_case(name: str, shard: SequenceShard) -> list[float]:
     return [err, grads, scale]
 
 
-def classify_case(shard: SequenceShard, pooling: str) -> list[float]:
+def classify_case(shard: SequenceShard, pooling: str, width: int | None = None) -> list[float]:
     """A classifier (mean or first-position pooling, padding): class logits, the loss and
-    every parameter's gradient against one process."""
+    every parameter's gradient against one process. width < shard.length: a batch padded only
+    to its longest row, as the encoder tasks make them (loss splits it as it is: fit_shard)."""
     from reformer import ReformerConfig
     from reformer.tasks.encoder.model import ReformerClassifier
 
@@ -216,8 +222,9 @@ def classify_case(shard: SequenceShard, pooling: str) -> list[float]:
     mine = ReformerClassifier(cfg, 3, pooling).double()
     mine.load_state_dict(ref.state_dict())
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 11, (2, L), generator=g)
-    mask = torch.ones(2, L, dtype=torch.bool)
+    W = width or L
+    ids = torch.randint(0, 11, (2, W), generator=g)
+    mask = torch.ones(2, W, dtype=torch.bool)
     mask[1, -6:] = False
     labels = torch.tensor([2, 0])
     torch.manual_seed(5)
@@ -228,18 +235,32 @@ def classify_case(shard: SequenceShard, pooling: str) -> list[float]:
     part = mine.loss(ids, labels, mask)
     part.backward()
     loss = shard.total(part)
-    for p in mine.parameters():
+    for p in mine.parameters():  # a slice that scores nothing leaves the head without one
+        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
         dist.all_reduce(p.grad)
     with torch.no_grad():
         torch.manual_seed(5)
         a = ref(ids, mask)
         torch.manual_seed(5)
-        b = mine(shard.local(ids), shard.local(mask))
+        b = mine(mine.shard.local(ids), mine.shard.local(mask))  # the batch's own split
     err = max(float((a - b).abs().max()), abs(float(loss) - float(loss_ref)))
     grads = max(
         float((x.grad - y.grad).abs().max()) for x, y in zip(mine.parameters(), ref.parameters())
     )
     return [err, grads, min(float(y.grad.abs().max()) for y in ref.parameters())]
+
+
+def group_mismatch_case(rank: int, world: int) -> bool:
+    """shard_sequence refuses a SequenceShard whose rank and size are not its group's."""
+    from reformer import ReformerConfig, ReformerLM
+
+    model = ReformerLM(ReformerConfig(vocab_size=11, d_model=8, d_ff=8, n_heads=2, n_layers=1,
+                                      chunk_len=4, max_seq_len=64))  # fmt: skip
+    try:
+        model.shard_sequence(SequenceShard(37, rank, world + 1))
+    except ValueError as exc:
+        return "does not match its process group" in str(exc)
+    return False
 
 
 def dropout_case(shard: SequenceShard) -> list[float]:
@@ -270,7 +291,16 @@ def dropout_case(shard: SequenceShard) -> list[float]:
         part.backward()
         runs.append((float(part), torch.cat([q.grad.flatten() for q in model.parameters()])))
     same = abs(runs[0][0] - runs[1][0]) + float((runs[0][1] - runs[1][1]).abs().max())
-    return [same, abs(runs[0][0] - runs[2][0])]
+    # the ranks' slices draw different masks from the same seed (seeding.rank_generator)
+    from reformer.seeding import dropout_mask, rank_generator, seeded_generator
+
+    cpu = torch.device("cpu")
+    gen = rank_generator(seeded_generator(9), shard.rank, cpu)
+    mask = dropout_mask((64,), 0.5, gen, cpu, F64)
+    masks = [torch.empty_like(mask) for _ in range(shard.size)]
+    dist.all_gather(masks, mask)
+    alike = sum(bool((masks[a] == masks[b]).all()) for a in range(shard.size) for b in range(a))
+    return [same, abs(runs[0][0] - runs[2][0]), alike]
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ runs the cases on every rank); dropout is deterministic."""
 
 import json
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -44,7 +45,7 @@ def ranks(request, tmp_path_factory) -> list[dict]:
     return [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(world)]
 
 
-@pytest.mark.parametrize("length", [37, 64])
+@pytest.mark.parametrize("length", [8, 37, 64])
 @pytest.mark.parametrize("case", list(sequence_worker.CASES))
 def test_routed_attention_equals_one_process(ranks, case, length):
     for rank in ranks:
@@ -61,7 +62,7 @@ def test_routed_attention_in_bf16_is_within_its_tolerance(ranks, case):
         assert out_err < 0.03 and grad_err < 0.03, (case, out_err, grad_err)
 
 
-@pytest.mark.parametrize("length", [37, 64])
+@pytest.mark.parametrize("length", [8, 37, 64])
 @pytest.mark.parametrize("case", list(sequence_worker.MODELS))
 def test_model_logits_loss_and_gradients_equal_one_process(ranks, case, length):
     for rank in ranks:
@@ -70,19 +71,28 @@ def test_model_logits_loss_and_gradients_equal_one_process(ranks, case, length):
         assert smallest_grad > 1e3 * EXACT  # every parameter's gradient is a real number
 
 
+@pytest.mark.parametrize("batch", ["L37", "narrow"])
 @pytest.mark.parametrize("pooling", ["mean", "first"])
-def test_classifier_logits_loss_and_gradients_equal_one_process(ranks, pooling):
+def test_classifier_logits_loss_and_gradients_equal_one_process(ranks, pooling, batch):
+    """narrow: a batch of width 9 (rows of 9 and 3 real tokens) under a shard of 37 is split
+    as it is (fewer sorted chunks than 4 ranks: some own none and still take part in every
+    exchange)."""
     for rank in ranks:
-        err, grad_err, smallest_grad = rank[f"classify-{pooling}/L37"]
+        err, grad_err, smallest_grad = rank[f"classify-{pooling}/{batch}"]
         assert err < EXACT and grad_err < EXACT, (pooling, err, grad_err)
         assert smallest_grad > 1e3 * EXACT
 
 
-def test_dropout_is_deterministic_and_acts(ranks):
+def test_a_shard_that_is_not_its_groups_is_refused(ranks):
+    assert all(rank["group-mismatch-refused"] for rank in ranks)
+
+
+def test_dropout_is_deterministic_acts_and_differs_per_rank(ranks):
     for rank in ranks:
-        rerun_diff, dropout_effect = rank["dropout"]
+        rerun_diff, dropout_effect, ranks_with_equal_masks = rank["dropout"]
         assert rerun_diff == 0.0
         assert dropout_effect > 1e-6
+        assert ranks_with_equal_masks == 0
 
 
 _RSS_PROBE = """
@@ -107,13 +117,15 @@ print((before - rss()) >> 20)
 """
 
 
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a setting of glibc's malloc")
 def test_a_rank_returns_freed_blocks_to_the_os():
     """A rank's freed blocks of 4 MiB leave its RSS (memory.fixed_mmap_threshold): without
     the fixed threshold glibc keeps them resident in the heap, which cost 200-500 MiB per
     rank at 64K tokens (bench/sequence.py)."""
     freed = {}
     for mode in ("rank", "plain"):
-        env = os.environ | {"OMP_NUM_THREADS": "1"}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+        env |= {"OMP_NUM_THREADS": "1", "REFORMER_MALLOC_TRIM": "1"}  # glibc's defaults
         cmd = [sys.executable, "-c", _RSS_PROBE, mode]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         freed[mode] = int(out.stdout.split()[-1])
@@ -127,6 +139,24 @@ def test_split_bounds_are_contiguous_and_even():
     assert (shard.start, shard.stop) == (27, 37)
     x = torch.arange(37)[None]
     assert torch.equal(shard.local(x), x[:, 27:])
+
+
+def test_inputs_of_the_wrong_width_and_full_attention_are_refused_while_sharded():
+    model = ReformerLM(ReformerConfig(vocab_size=8, d_model=8, d_ff=8, n_heads=2, n_layers=1,
+                                      chunk_len=4, max_seq_len=16))  # fmt: skip
+    shard = SequenceShard(16, 1, 2)
+    model.shard_sequence(shard)
+    ids = torch.randint(0, 8, (2, 16))
+    with pytest.raises(ValueError, match=r"holds positions \[8, 16\) of 16: pass shard.local"):
+        model(ids)  # the forward takes this rank's slice
+    with pytest.raises(ValueError, match=r"raise --model\.max-seq-len"):
+        model.loss(torch.randint(0, 8, (2, 17)), torch.randint(0, 8, (2, 17)))
+    with pytest.raises(ValueError, match=r"call shard_sequence\(None\) first"):
+        model.set_attention("full")
+    model.shard_sequence(None)
+    model.set_attention("full")
+    with pytest.raises(ValueError, match=r"call set_attention\(None\) first"):
+        model.shard_sequence(shard)
 
 
 def test_refusals_name_the_problem_and_the_fix():

@@ -16,7 +16,9 @@ run (`ReformerLM.shard_sequence`), whose reason to exist is memory: with the thr
 the rank's peak is its live tensors. Measured at 64K tokens with 2 ranks (`bench/sequence.py`):
 about 850 MiB per rank with it, 1,000-1,350 MiB without it (the routed exchanges' buffers of
 every size left resident in the heap), for a step up to a third slower (fresh pages fault in).
-The same switches turn it off.
+The same switches turn it off when set before `shard_sequence` (the threshold then stays
+for the process, evaluation on whole sequences included), and a threshold the user set
+through `MALLOC_MMAP_THRESHOLD_` is left alone.
 """
 
 from __future__ import annotations
@@ -70,8 +72,10 @@ def _malloc_trim():
 def fixed_mmap_threshold(nbytes: int = RANK_MMAP_THRESHOLD) -> bool:
     """Fix glibc's mmap threshold at `nbytes` for the rest of the process (it stops rising
     as blocks are freed), so that freed blocks of at least that size leave no resident pages.
-    True when set; False off glibc or when switched off (see the module's docstring)."""
-    libc = _glibc() if _enabled else None
+    True when set; False off glibc, when switched off (see the module's docstring; switch
+    before `shard_sequence`: the setting stays for the process) or when the user set one
+    through MALLOC_MMAP_THRESHOLD_, which wins."""
+    libc = _glibc() if _enabled and "MALLOC_MMAP_THRESHOLD_" not in os.environ else None
     return libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, int(nbytes)) == 1
 
 

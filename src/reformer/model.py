@@ -6,6 +6,7 @@ Legend: B batch, L length, d d_model, V vocab size, W width of the final hidden 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -149,6 +150,12 @@ class ReformerLM(nn.Module):
                 f"(attention={self.config.attention!r}, shared_qk={self.config.shared_qk}); a "
                 "separate-QK layer has no LSH counterpart"
             )
+        if kind == "full" and self.shard is not None:
+            raise ValueError(
+                "set_attention('full'): the model runs on one rank's slice of each sequence "
+                "(shard_sequence), and full attention needs the whole sequence: call "
+                "shard_sequence(None) first"
+            )
         for i in swappable:
             self.blocks[i].attn.kind = kind or configured[i]
 
@@ -161,12 +168,36 @@ class ReformerLM(nn.Module):
             problem = sequence_parallel_problem(self.config, shard.length)
             if problem:
                 raise ValueError(problem)
+            if any(block.attn.kind == "full" for block in self.blocks):
+                raise ValueError(
+                    "shard_sequence: a layer runs full attention (set_attention('full')), "
+                    "which needs the whole sequence: call set_attention(None) first"
+                )
+            _check_group(shard)
             if shard.size > 1 and self.token_emb.weight.device.type == "cpu":
                 fixed_mmap_threshold()  # a rank's peak is its live tensors (memory.py)
         self.shard = shard
         for block in self.blocks:
             block.attn.shard = shard
             block.shard_rank = None if shard is None else shard.rank
+
+    def fit_shard(self, length: int) -> None:
+        """Under `shard_sequence`: split sequences of `length` from now on (a batch padded
+        only to its longest row), as one process runs that batch (LSH's bucket count follows
+        the length). The shard stays: the backward pass recomputes with it."""
+        if self.shard is not None and self.shard.length != length:
+            self.shard_sequence(dataclasses.replace(self.shard, length=length))
+
+    def _check_slice(self, input_ids: Tensor) -> None:
+        """Under `shard_sequence` the model's forward takes this rank's slice only."""
+        shard = self.shard
+        if input_ids.shape[1] != shard.stop - shard.start:
+            raise ValueError(
+                f"input_ids has {input_ids.shape[1]} positions, but rank {shard.rank} of this "
+                f"sequence group holds positions [{shard.start}, {shard.stop}) of "
+                f"{shard.length}: pass shard.local(ids) to the forward, or whole sequences "
+                "to loss"
+            )
 
     def _check_ids(self, input_ids: Tensor, name: str = "input_ids") -> None:
         if not isinstance(input_ids, Tensor):
@@ -236,6 +267,7 @@ class ReformerLM(nn.Module):
             self._check_mask(attention_mask, input_ids)
         pos = 0 if cache is None else cache.length
         if self.shard is not None:
+            self._check_slice(input_ids)
             pos = self.shard.start
         if cache is not None:
             seeds = cache.seeds
@@ -330,10 +362,13 @@ class ReformerLM(nn.Module):
         ids at the masked positions and ignore_index elsewhere. When fewer than half of the
         positions are scored (a masked LM's 15%), only their hidden states reach the
         output layer. Under `shard_sequence`: every rank of the group passes the whole
-        sequences and gets its slice's share of the group's mean (the shares sum to it).
+        sequences and gets its slice's share of the group's mean (the shares sum to it); a
+        batch of another width than the shard's is split as it is (`fit_shard`).
         """
         if self.shard is not None:  # this rank's slice; the count is the group's
-            local = [None if t is None else self.shard.local(t) for t in (input_ids, targets)]
+            self._check_targets(targets, input_ids, ignore_index)
+            self.fit_shard(input_ids.shape[1])
+            local = [self.shard.local(t) for t in (input_ids, targets)]
             mask = None if attention_mask is None else self.shard.local(attention_mask)
             total, count = self.loss_terms(*local, mask, ignore_index)
             count = self.shard.total(count)
@@ -396,3 +431,16 @@ def cross_entropy_reference(logits: Tensor, targets: Tensor, ignore_index: int =
     return F.cross_entropy(
         upcast(logits.flatten(0, 1)), targets.flatten(), ignore_index=ignore_index
     )
+
+
+def _check_group(shard: SequenceShard) -> None:
+    """The shard's rank and size are those of its process group (when one is running)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    size = torch.distributed.get_world_size(shard.group)
+    rank = torch.distributed.get_rank(shard.group)
+    if (shard.rank, shard.size) != (rank, size):
+        raise ValueError(
+            f"SequenceShard(rank={shard.rank}, size={shard.size}) does not match its process "
+            f"group (rank {rank} of {size}): pass the group's own rank and size"
+        )

@@ -206,7 +206,7 @@ def _routed_work(cfg: ReformerConfig, length: int, B: int, act: int) -> int:
     heads = min(H, max(1, GROUP_ENTRIES // (B * R * (length + 1) * D * 2)))
     E = B * heads * R * length  # routed entries of one head group
     rows = 6 * E * 2 * D * act
-    meta = 3 * E * (8 + 2 * R) * 8 + 4 * E * 8
+    meta = 3 * E * (7 + 2 * R) * 8 + 4 * E * 8  # Plan.meta's columns, and index tensors
     results = 4 * E * (D + 1) * 4
     slots = 3 * B * H * R * length * 8
     return rows + meta + results + SLICE_SCORES * 24 + slots

@@ -266,8 +266,9 @@ class Segment:
             flat = torch.cat([out, lse.unsqueeze(-1)], -1).reshape(-1, D + 1)
             pieces.append(flat.index_select(0, at))
             where.append(arrival[sel[mine]])
-        if not pieces:
-            return got.new_zeros(0, D + 1, dtype=upcast(got[:0]).dtype)
+        if not pieces:  # no chunk of any sequence here: still a function of `got`, so that
+            # this rank runs the backward exchanges that every other rank runs
+            return upcast(got[:0, : D + 1])
         order = torch.cat(where).argsort()
         return torch.cat(pieces).index_select(0, order)
 

@@ -90,7 +90,8 @@ class TrainConfig(metaclass=_ByTask):
     """Multi-process training (torchrun): ddp replicates the model on every rank; fsdp
     shards parameters, gradients and optimiser state over the ranks (FSDP2); sequence
     splits every sequence over --sequence-ranks ranks (LSH and local layers; language
-    models and encoders). Ignored in a single process."""
+    models and encoders). A single process trains as usual, but the model and task must
+    still be ones that sequence can split (checked with the config)."""
     sequence_ranks: int | None = None
     """--parallel sequence: ranks that share one sequence (default: all of them); the
     world size over it splits the batch (data parallel)."""

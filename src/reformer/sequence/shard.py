@@ -3,7 +3,7 @@ collectives the routed attention needs (an all-to-all that autograd reverses, an
 all-gather of small count tensors).
 
 A group of `size` ranks splits every sequence of the batch into contiguous slices of
-positions, [bounds[r], bounds[r + 1]) on rank r, as even as the length allows (the first
+positions, [bounds[r], bounds[r + 1]) on rank r, as even as the length allows (the last
 ranks hold one more position when it does not divide). Every position-wise part of the model
 (embeddings at global positions, norms, feed-forward, head, loss) runs on the slice alone.
 """

@@ -96,6 +96,7 @@ class ReformerClassifier(ReformerLM):
             raise ValueError(f"labels must lie in [0, n_classes={self.n_classes})")
         share = 1.0
         if self.shard is not None:  # whole sequences in, this rank's share of the loss out
+            self.fit_shard(input_ids.shape[1])
             input_ids = self.shard.local(input_ids)
             attention_mask = None if attention_mask is None else self.shard.local(attention_mask)
             share = 1.0 / self.shard.size
