@@ -115,7 +115,7 @@ def main() -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", rank=rank, world_size=world)
     routed.SLICE_SCORES = 300  # a few query chunks per checkpointed slice
-    routed.GROUP_ENTRIES = 1500  # and one head per group
+    routed.GROUP_ENTRIES = 1500  # and several head groups (one head each from 2 rounds on)
     results = {}
     for L in (8, 37, 64):  # 8: fewer sorted chunks than 4 ranks, some own none
         for name in CASES:
