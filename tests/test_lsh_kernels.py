@@ -7,6 +7,7 @@ import torch
 from reformer import ReformerConfig
 from reformer.attention import chunked, tiles
 from reformer.attention.lsh import draw_rotations, lsh_attention
+from reformer.attention.lsh_layout import Layout, group_layout
 from reformer.attention.reference import lsh_attention_reference
 
 F64 = torch.float64
@@ -100,6 +101,25 @@ def test_tile_kernels_agree():
     assert torch.allclose(p_again, p_e, rtol=1e-13, atol=1e-300)
 
 
+@needs_compiler
+@pytest.mark.parametrize("rounds,dedup", [(1, True), (2, True), (4, True), (3, False)])
+def test_compiled_window_codes_equal_eager(rounds, dedup, monkeypatch):
+    """Window mode's pair codes from the compiled band loop equal the eager passes exactly:
+    3 heads, padding, a length of 11 chunks and slices of 7 rows (the last one shorter)."""
+    monkeypatch.setattr(chunked, "SLICE_ENTRIES", 7 * 4 * 5)
+    G, C, Lp, K = 3, 4, 44, 5
+    buckets = torch.randint(0, K, (G, rounds, Lp), generator=torch.Generator().manual_seed(3))
+    buckets[1, :, -6:] = K  # padding sorts last, in a bucket of its own
+    layout = Layout(C, "window", True, False, dedup)
+    rows = G * rounds * (Lp // C)
+    codes = {}
+    for compiled in (False, True):
+        codes[compiled] = torch.full((rows, C, 2 * C), 9, dtype=torch.int8)
+        src = group_layout(buckets, K, layout, codes[compiled], (compiled, False))
+    assert torch.equal(codes[True], codes[False])
+    assert int(codes[False].max()) == (rounds if dedup else 1) and len(src[0]) == G * rounds * Lp
+
+
 def test_kernel_choice(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.delenv("REFORMER_LSH_KERNEL", raising=False)
@@ -130,6 +150,7 @@ def test_auto_falls_back_to_eager_when_compilation_fails(monkeypatch):
     def broken(*args):
         raise RuntimeError("no compiler today")
 
+    monkeypatch.setattr(tiles, "compiled_band", broken)
     monkeypatch.setattr(tiles, "compiled_forward", broken)
     monkeypatch.setattr(tiles, "compiled_backward", broken)
     monkeypatch.setattr(tiles, "compiler_available", lambda device: True)

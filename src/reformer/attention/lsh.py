@@ -229,7 +229,7 @@ class _LSHCore(torch.autograd.Function):
         for g in groups:
             G, rows = g.stop - g.start, slice(g.start * R * N, g.stop * R * N)
             flat = slice(g.start * S, g.stop * S)
-            src_g, undo = group_layout(buckets[g], n_buckets, layout, codes[rows])
+            src_g, undo = group_layout(buckets[g], n_buckets, layout, codes[rows], kernels)
             rows_g = _head_rows(g, Lp, H, q.device)  # (head, position) -> row of q_f
             src_g = rows_g[src_g]
             src[flat] = src_g

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import tiles
 from .chunked import row_slices
 
 # The pair-code keys are int32 while they stay below this (doubled, they must fit), else int64.
@@ -63,7 +64,7 @@ class _SortedGroup:
 
 @torch.no_grad()
 def group_layout(
-    buckets: Tensor, n_buckets: int, layout: Layout, codes: Tensor
+    buckets: Tensor, n_buckets: int, layout: Layout, codes: Tensor, kernels=(False, True)
 ) -> tuple[Tensor, Tensor]:
     """Sort a group of G heads and write their pair codes.
 
@@ -71,7 +72,8 @@ def group_layout(
     written: 0 if key j of the row's window is not in S_r(i), else N_ij (1 without dedup).
     Returns src (G * S,): the row of (G * Lp) each sorted slot reads, and undo (G * R * Lp,):
     the sorted slot of each (head, round, position). Slots are ordered by (head, round,
-    bucket, position).
+    bucket, position). kernels: (compiled, auto) as `tiles.run` takes them; window mode's
+    codes then come from one compiled loop (`band_codes`).
     """
     G, R, Lp = buckets.shape
     group = _sort_group(buckets, n_buckets)
@@ -79,7 +81,7 @@ def group_layout(
     count_rounds = R > 1 and layout.dedup
     rows = G * R * (Lp // layout.chunk_len)
     if layout.mode == "window":
-        _window_codes(group, keys, layout, rows, count_rounds, codes)
+        _window_codes(group, keys, layout, rows, count_rounds, codes, kernels)
         return group.src, group.undo
     pos_sorted = group.pos.to(torch.int32).reshape(-1)[group.order]  # (G * S,)
     _chunk_codes(group, pos_sorted, keys, layout, count_rounds, codes)
@@ -141,6 +143,7 @@ def _window_codes(
     rows: int,
     count_rounds: bool,
     codes: Tensor,
+    kernels: tuple[bool, bool] = (False, True),
 ) -> None:
     """Window mode: write each row's band of candidates into codes (rows, C, 2C).
 
@@ -154,13 +157,24 @@ def _window_codes(
     codes.zero_()
     for sl in row_slices(rows, C * (C + 1)):
         m, a = sl.stop - sl.start, sl.start * C
-
-        # (C + G*S,) -> (m, C, C + 1): x[a + mC + c + t], the keys of the band
-        band = functools.partial(strided, shape=(m, C, C + 1), strides=(C, 1, 1), at=a)
-        ok = q_id[a : a + m * C].view(m, C, 1) == band(k_id)
-        count = round_counts(e_q, e_k, a, m, C, T, band) if count_rounds else ok.to(torch.int8)
-        count.mul_(ok)
-        codes[sl].as_strided((m, C, C + 1), (2 * C * C, 2 * C + 1, 1)).copy_(count)
+        n = m * C
+        if tiles.compiling(kernels[0]):
+            try:
+                count = tiles.compiled_band(
+                    q_id[a : a + n], k_id[a : a + n + C], e_q[:, a : a + n],
+                    e_k[:, a : a + n + C], T, C, count_rounds,
+                )  # fmt: skip
+            except Exception as exc:  # torch.compile raises many types; all mean "not here"
+                tiles.compile_failed(exc, kernels[1])
+        if not tiles.compiling(kernels[0]):
+            # (C + G*S,) -> (m, C, C + 1): x[a + mC + c + t], the keys of the band
+            band = functools.partial(strided, shape=(m, C, C + 1), strides=(C, 1, 1), at=a)
+            ok = q_id[a : a + n].view(m, C, 1) == band(k_id)
+            count = round_counts(e_q, e_k, a, m, C, T, band) if count_rounds else ok.to(torch.int8)
+            count.mul_(ok)
+        codes[sl].as_strided((m, C, C + 1), (2 * C * C, 2 * C + 1, 1)).copy_(
+            count.view(m, C, C + 1)
+        )
 
 
 def _chunk_codes(
