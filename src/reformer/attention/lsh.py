@@ -114,8 +114,8 @@ def lsh_attention(
     v = pad_to(v, Lp, dim=2)
     valid = valid_positions(B, L, Lp, attention_mask, qk.device)  # (B, Lp)
     buckets = _bucket_ids(qk, rotations, valid, K)  # (B, H, R, Lp)
-    keys = unit_keys(qk, key_norm)
     fused = tiles.resolve_kernel(kernel, B * H * R * Lp, qk.device)
+    keys = tiles.fused_or_eager(fused, kernel != "compiled", unit_keys, qk, key_norm)
     kernels = (fused, kernel != "compiled")
     layout = Layout(C, mode, causal, wrap and Lp > C, dedup, chunks_before, chunks_after)
     out = _LSHCore.apply(qk, keys, v, buckets.reshape(B * H, R, Lp), K, layout, kernels)
@@ -261,7 +261,7 @@ class _LSHCore(torch.autograd.Function):
         stat = top_all.dtype
         W = layout.width
         # dS = P * (dO . v_j - dO . O): the softmax backward over the union.
-        dot = _rows((upcast(d_out) * upcast(out)).sum(-1, keepdim=True)).view(-1)
+        dot = _rows(tiles.fused_or_eager(*ctx.kernels, _row_dot, d_out, out)).view(-1)
         q_f, k_f, v_f, do_f = (_rows(x) for x in (q, k, v, d_out))
         # Gradients accumulate over rounds and windows in the statistics dtype (float32 for
         # half-precision inputs); each slice's bmm results (in the inputs' dtype) add to them.
@@ -311,6 +311,11 @@ class _LSHCore(torch.autograd.Function):
                         _add_rows(grad, src_g[lo:hi], buf[at : at + hi - lo])
         dq, dk, dv = (x.to(q.dtype).view(B, Lp, H, D).transpose(1, 2) for x in (dq, dk, dv))
         return dq, dk, dv, None, None, None, None
+
+
+def _row_dot(d_out: Tensor, out: Tensor) -> Tensor:
+    """(B, H, Lp, D) twice -> (B, H, Lp, 1): dO . O per position, in float32 at least."""
+    return (upcast(d_out) * upcast(out)).sum(-1, keepdim=True)
 
 
 def _add_rows(grad: Tensor, index: Tensor, rows: Tensor) -> None:

@@ -177,6 +177,22 @@ def compiled_band(
     return _compiled(_band)(q_id, k_id, e_q, e_k, T, C, count_rounds)
 
 
+def fused_or_eager(fused: bool, auto: bool, fn, x: Tensor, *args):
+    """fn(x, *args) through torch.compile when the call chose the compiled kernels (one loop,
+    none of the eager form's whole-tensor temporaries: at 16K each costs a page fault per
+    4 KiB on first touch), else eager; dim 2 of x (the length) is symbolic. For the
+    elementwise passes around the LSH core: the unit keys, the backward's dO . O."""
+    if compiling(fused):
+        try:
+            for t in (x, *args):
+                if isinstance(t, Tensor):
+                    torch._dynamo.maybe_mark_dynamic(t, 2)
+            return _compiled(fn)(x, *args)
+        except Exception as exc:  # torch.compile raises many types; all mean "not here"
+            compile_failed(exc, auto)
+    return fn(x, *args)
+
+
 # ---- choice -------------------------------------------------------------------------------
 
 
