@@ -43,30 +43,24 @@ _enabled = os.environ.get("REFORMER_MALLOC_TRIM", "1").strip().lower() not in (
 # fixes it at: the blocks of the routed exchanges and the reversible stack are larger.
 _M_MMAP_THRESHOLD = -3
 RANK_MMAP_THRESHOLD = 4 << 20
-_trim = None
 _libc = None
 _loaded = False
 
 
 def _glibc():
-    global _trim, _libc, _loaded
+    """glibc with malloc_trim and mallopt typed, or None off glibc (looked up once)."""
+    global _libc, _loaded
     if not _loaded:
         _loaded = True
         try:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             _ = libc.gnu_get_libc_version  # AttributeError off glibc
-            _trim = libc.malloc_trim
-            _trim.argtypes, _trim.restype = [ctypes.c_size_t], ctypes.c_int
+            libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
             libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
             _libc = libc
         except (OSError, AttributeError):
-            _trim = _libc = None
+            _libc = None
     return _libc
-
-
-def _malloc_trim():
-    _glibc()
-    return _trim
 
 
 def fixed_mmap_threshold(nbytes: int = RANK_MMAP_THRESHOLD) -> bool:
@@ -91,6 +85,6 @@ def release_free_memory(like: torch.Tensor) -> None:
     lives on the CPU and is at least MIN_BYTES; a no-op elsewhere."""
     if not _enabled or like.device.type != "cpu" or like.numel() * like.element_size() < MIN_BYTES:
         return
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)

@@ -114,9 +114,8 @@ def lsh_attention(
     v = pad_to(v, Lp, dim=2)
     valid = valid_positions(B, L, Lp, attention_mask, qk.device)  # (B, Lp)
     buckets = _bucket_ids(qk, rotations, valid, K)  # (B, H, R, Lp)
-    fused = tiles.resolve_kernel(kernel, B * H * R * Lp, qk.device)
-    keys = tiles.fused_or_eager(fused, kernel != "compiled", unit_keys, qk, key_norm)
-    kernels = (fused, kernel != "compiled")
+    kernels = (tiles.resolve_kernel(kernel, B * H * R * Lp, qk.device), kernel != "compiled")
+    keys = tiles.fused_or_eager(*kernels, unit_keys, qk, key_norm)
     layout = Layout(C, mode, causal, wrap and Lp > C, dedup, chunks_before, chunks_after)
     out = _LSHCore.apply(qk, keys, v, buckets.reshape(B * H, R, Lp), K, layout, kernels)
     return out[:, :, :L]

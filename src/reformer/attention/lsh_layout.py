@@ -73,7 +73,7 @@ def group_layout(
     Returns src (G * S,): the row of (G * Lp) each sorted slot reads, and undo (G * R * Lp,):
     the sorted slot of each (head, round, position). Slots are ordered by (head, round,
     bucket, position). kernels: (compiled, auto) as `tiles.run` takes them; window mode's
-    codes then come from one compiled loop (`band_codes`).
+    codes then come from one compiled loop (`tiles.compiled_band`).
     """
     G, R, Lp = buckets.shape
     group = _sort_group(buckets, n_buckets)
