@@ -3,7 +3,7 @@
     python -m repro.run duplication      # Table 2: train full / LSH-1/2/4, evaluate each 5 ways
     python -m repro.run ablations        # Figure 3: shared-QK and reversible vs the baseline
     python -m repro.run lsh-vs-full      # LSH-4 (window, chunk) against full attention
-    python -m repro.run lsh-vs-full-long # LSH-4/8 against full until full is at 2.5 bpc
+    python -m repro.run lsh-vs-full-long # LSH-4/8 against full, 3000 steps (a decayed tail)
     python -m repro.run listops          # encoders on ListOps: LSH-2/4, local, full
     python -m repro.run mlm              # masked LM on the enwik8 prefix: LSH-4 against full
     python -m repro.run all

@@ -74,6 +74,9 @@ def test_long_comparison_runs_parse_and_differ_only_in_attention(tmp_path):
         assert (c.seed, c.seq_len, c.optim, c.precision) == (
             base.seed, base.seq_len, base.optim, base.precision)  # fmt: skip
         assert c.model.lsh_mode == "window" and c.eval_every == 100
+    # the schedule is fixed in absolute steps: every stage (--steps 100, 200, ...) follows it
+    assert base.optim.schedule == "wsd" and base.optim.decay_start == long.DECAY_START
+    assert base.optim.decay_start + base.optim.decay_steps == long.END
     run = tmp_path / "run"
     run.mkdir()
     recs = [{"step": 20, "elapsed_s": 10.0}, {"step": 40, "elapsed_s": 20.0},

@@ -18,11 +18,19 @@ class OptimConfig:
     name: Literal["adafactor", "adamw"] = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.0
-    schedule: Literal["rsqrt", "cosine", "constant"] = "rsqrt"
+    schedule: Literal["rsqrt", "cosine", "constant", "wsd"] = "rsqrt"
     """rsqrt: linear warm-up then lr * sqrt(warmup / step) (the authors'); cosine: warm-up
-    then cosine decay to min_lr_ratio * lr at the last step."""
+    then cosine decay to min_lr_ratio * lr at the last step; constant: warm-up then lr;
+    wsd (warm-up, stable, decay): constant, then linear decay to min_lr_ratio * lr over
+    decay_steps steps."""
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
+    decay_steps: int = 0
+    """wsd: steps of the linear decay (> 0)."""
+    decay_start: int | None = None
+    """wsd: the step the decay starts at; None: steps - decay_steps (the run's last
+    decay_steps). Fixed, it makes the schedule independent of the run's length, so a run
+    trained in stages (--steps 100, 200, ...) follows one schedule."""
     clip: float = 1.0
     """Gradient-norm clipping threshold; 0 disables."""
     accumulate: int = 1
@@ -34,6 +42,19 @@ class OptimConfig:
         at_least("optim.weight_decay", self.weight_decay, 0)
         at_least("optim.warmup_steps", self.warmup_steps, 0)
         within("optim.min_lr_ratio", self.min_lr_ratio, 0, 1)
+        at_least("optim.decay_steps", self.decay_steps, 0)
+        if self.decay_start is not None:
+            at_least("optim.decay_start", self.decay_start, 0)
+        if self.schedule == "wsd" and self.decay_steps == 0:
+            raise ValueError(
+                "optim.decay_steps must be > 0 with optim.schedule wsd (the length of the "
+                "decay); set e.g. --optim.decay-steps 1000"
+            )
+        if self.schedule != "wsd" and (self.decay_steps or self.decay_start is not None):
+            raise ValueError(
+                f"optim.decay_steps and optim.decay_start apply to optim.schedule wsd only, "
+                f"not {self.schedule}; set --optim.schedule wsd or drop them"
+            )
         at_least("optim.clip", self.clip, 0)
         at_least("optim.accumulate", self.accumulate, 1)
 

@@ -46,6 +46,10 @@ def lr_factor(cfg: OptimConfig, total_steps: int, step: int) -> float:
     warm = max(1, cfg.warmup_steps)
     if cfg.schedule == "constant":
         return min(1.0, s / warm)
+    if cfg.schedule == "wsd":
+        start = total_steps - cfg.decay_steps if cfg.decay_start is None else cfg.decay_start
+        decayed = min(1.0, max(0, step - start) / cfg.decay_steps)
+        return min(1.0, s / warm) * (1 - (1 - cfg.min_lr_ratio) * decayed)
     if s <= warm:
         return s / warm
     if cfg.schedule == "rsqrt":
