@@ -55,6 +55,7 @@ from bench._harness import (
     warm_lsh_kernels,
     write_json,
 )
+from reformer import cpu_cache
 
 D, D_FF, HEADS, CHUNK, HASHES, VOCAB, FF_CHUNK = 256, 1024, 4, 64, 4, 256, 4096
 CONFIGS = ["ours", "reformer-pytorch", "transformers", "sdpa"]
@@ -157,6 +158,8 @@ def build(config: str, layers: int, length: int):
 
 def worker(args: dict[str, Any]) -> dict[str, Any]:
     device, _ = setup_worker(args)
+    if args.get("cpu_cache"):  # every configuration alike: the peers' steps fault in pages too
+        assert cpu_cache.enable(args["cpu_cache"]), "--cpu-cache: the cache did not build"
     length, config = args["length"], args["config"]
     model, loss_fn = build(config, args["layers"], length)
     model = model.to(device).train()
@@ -209,6 +212,7 @@ def run(ns: argparse.Namespace) -> list[dict[str, Any]]:
                 else:
                     args = dict(config=config, layers=layers, length=length, repeats=ns.repeats)
                     args |= dict(threads=ns.threads, device=ns.device, precision=precision)
+                    args["cpu_cache"] = ns.cpu_cache
                     one = pred_s is not None and pred_s > ns.one_process_above
                     timeout = 600 + 4 * (ns.repeats + 2) * (pred_s or ns.max_seconds)
                     row |= run_measured("bench.step", args, timeout, ns.device, one)
@@ -239,7 +243,8 @@ def report(ns: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, Any]
 
     return {
         "command": command_line(),
-        "environment": environment() | {"threads": ns.threads, "peers": peer_versions()},
+        "environment": environment()
+        | {"threads": ns.threads, "peers": peer_versions(), "cpu_cache_gib": ns.cpu_cache},
         "rows": rows,
     }
 
@@ -255,6 +260,9 @@ def main() -> None:
     parser.add_argument("--max-mem-gib", type=float, default=16.0)
     parser.add_argument("--max-seconds", type=float, default=900.0, help="per step")
     parser.add_argument("--one-process-above", type=float, default=60.0)
+    parser.add_argument(
+        "--cpu-cache", type=float, default=0.0, help="GiB: reformer.cpu_cache in every worker"
+    )
     add_common_args(parser, "step")
     ns = parser.parse_args()
     if ns.worker:

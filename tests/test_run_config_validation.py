@@ -39,6 +39,7 @@ BAD = [
     ("", "parallel", "zero"),
     ("", "eval_hashes", [0]),
     ("", "max_minutes", -5),
+    ("", "cpu_cache_gib", -1.0),
 ]
 
 

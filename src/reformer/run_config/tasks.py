@@ -82,6 +82,10 @@ class TrainConfig(metaclass=_ByTask):
     """Stop (with a checkpoint) after this much wall-clock time."""
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda, cuda:N."""
+    cpu_cache_gib: float = 0.0
+    """On the CPU: serve tensors from a caching allocator that keeps up to this many GiB of
+    freed blocks for reuse (reformer.cpu_cache: no page faults for a step's repeated shapes;
+    built with the system's C++ compiler, else a warning); 0: PyTorch's allocator."""
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     """bf16: autocast to bfloat16 (fp32 weights, softmax statistics and accumulation); auto:
     bf16 where the device multiplies bf16 natively (CPUs with AMX or AVX-512 BF16, CUDA with
@@ -121,6 +125,7 @@ class TrainConfig(metaclass=_ByTask):
             at_least(name, getattr(self, name), 0)
         if self.eval_batch_size is not None:
             at_least("eval_batch_size", self.eval_batch_size, 1)
+        at_least("cpu_cache_gib", self.cpu_cache_gib, 0)
         if self.max_minutes is not None:
             at_least("max_minutes", self.max_minutes, 0, strict=True)
         if self.sequence_ranks is not None:
