@@ -17,8 +17,9 @@ the backward pass) minus the RSS
 measured in that process after building the model and optimiser. --allocators runs each
 configuration under several malloc settings side by side: `default` (glibc as a user's
 process has it, with the library's trim between layers, reformer/memory.py), `no-trim`
-(REFORMER_MALLOC_TRIM=0: glibc alone) and `fixed-64k` (MALLOC_MMAP_THRESHOLD_=65536, the
-other benchmarks' setting: RSS tracks live tensors).
+(REFORMER_MALLOC_TRIM=0: glibc alone), `fixed-64k` (MALLOC_MMAP_THRESHOLD_=65536, the
+other benchmarks' setting: RSS tracks live tensors) and `cpu-cache` (the default with
+reformer.cpu_cache, 2 GiB).
 """
 
 from __future__ import annotations
@@ -43,8 +44,12 @@ from bench._harness import (
 
 
 def worker(args: dict) -> dict:
-    from reformer import ReformerConfig, ReformerLM
+    import os
 
+    from reformer import ReformerConfig, ReformerLM, cpu_cache
+
+    if os.environ.get("BENCH_CPU_CACHE_GIB"):
+        assert cpu_cache.enable(float(os.environ["BENCH_CPU_CACHE_GIB"]))
     torch.set_num_threads(args["threads"])
     torch.manual_seed(0)
     ids = torch.randint(0, 256, (1, args["length"]))
@@ -101,6 +106,8 @@ ALLOCATORS = {
     "no-trim": {"MALLOC_MMAP_THRESHOLD_": None, "REFORMER_MALLOC_TRIM": "0"},
     # the benchmarks' fixed 64 KiB mmap threshold: RSS tracks live tensors
     "fixed-64k": {"MALLOC_MMAP_THRESHOLD_": str(1 << 16)},
+    # the default, with reformer.cpu_cache keeping up to 2 GiB of freed blocks
+    "cpu-cache": {"MALLOC_MMAP_THRESHOLD_": None, "BENCH_CPU_CACHE_GIB": "2"},
 }
 
 
@@ -161,7 +168,7 @@ def main() -> None:
         choices=list(ALLOCATORS),
         default=["default", "fixed-64k"],
         help="default: glibc with the library's trim; no-trim: glibc alone; fixed-64k: "
-        "MALLOC_MMAP_THRESHOLD_=65536",
+        "MALLOC_MMAP_THRESHOLD_=65536; cpu-cache: default with reformer.cpu_cache",
     )
     parser.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
     ns = parser.parse_args()
