@@ -4,13 +4,17 @@ runs in a fresh process: the allocator is the process's."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or shutil.which(os.environ.get("CXX", "c++")) is None,
+    reason="the cache is built for Linux, with a C++ compiler",
+)
 
 
 def _run(code: str, build_dir, **env) -> dict:
