@@ -4,12 +4,13 @@ vocab 256, LSH-4, chunk 64, reversible, batch 1, `model.loss` + backward): the m
 five timed steps, then one profiled step, after two warm-up steps, each precision in a
 fresh process.
 
-    python -m bench.profile_step [--length 16384] [--top 15]
+    python -m bench.profile_step [--length 16384] [--top 15] [--cpu-cache GIB] [--name NAME]
 
 Prints the top operators by self CPU time with their share of the step, the matmul share
 (mm, bmm, addmm, baddbmm, matmul, linear) and the step's model-FLOP utilisation against the
 best 4096 x 4096 matmul in the same process and precision; writes
-bench/results/profile_step.json.
+bench/results/NAME.json (default profile_step). --cpu-cache runs the steps with
+reformer.cpu_cache keeping up to GIB of freed blocks.
 """
 
 from __future__ import annotations
@@ -32,15 +33,17 @@ MATMULS = (
 )
 
 
-def worker(precision: str, length: int, top: int) -> dict:
+def worker(precision: str, length: int, top: int, cache_gib: float = 0.0) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from bench._harness import matmul_rate
     from bench.step import CHUNK, D_FF, HASHES, HEADS, VOCAB, D, model_flops
-    from reformer import ReformerConfig, ReformerLM
+    from reformer import ReformerConfig, ReformerLM, cpu_cache
 
     torch.set_num_threads(2)
+    if cache_gib:
+        assert cpu_cache.enable(cache_gib), "--cpu-cache: the cache did not build"
     cfg = ReformerConfig(
         vocab_size=VOCAB, d_model=D, n_heads=HEADS, d_ff=D_FF, n_layers=1,
         max_seq_len=length, attention="lsh", n_hashes=HASHES, chunk_len=CHUNK,
@@ -89,16 +92,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--length", type=int, default=16384)
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--cpu-cache", type=float, default=0.0, help="GiB: reformer.cpu_cache")
+    p.add_argument("--name", default="profile_step", help="bench/results/NAME.json")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.length, args.top)))
+        print(json.dumps(worker(args.worker, args.length, args.top, args.cpu_cache)))
         return
     print(command_line(), flush=True)
     results = []
     for precision in ("fp32", "bf16"):
         cmd = [sys.executable, "-m", "bench.profile_step", "--worker", precision]
         cmd += ["--length", str(args.length), "--top", str(args.top)]
+        cmd += ["--cpu-cache", str(args.cpu_cache)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
         results.append(r)
@@ -113,8 +119,12 @@ def main() -> None:
             share = 100 * row["ms"] / r["self_ms"]
             print(f"| {row['op']} | {row['ms']:.1f} | {share:.1f}% | {row['calls']} |")
     write_json(
-        RESULTS / "profile_step.json",
-        {"command": command_line(), "env": environment(), "results": results},
+        RESULTS / f"{args.name}.json",
+        {
+            "command": command_line(),
+            "env": environment() | {"cpu_cache_gib": args.cpu_cache},
+            "results": results,
+        },
     )
 
 
