@@ -129,3 +129,24 @@ def test_a_limit_of_zero_is_refused_by_name():
 
     with pytest.raises(ValueError, match="cpu_cache limit"):
         cpu_cache.enable(0)
+
+
+def test_a_forked_child_allocates_from_its_copy_of_the_cache(build_dir):
+    got = _run(
+        """
+        import json, os, torch
+        from reformer import cpu_cache
+        assert cpu_cache.enable(1.0)
+        block = torch.empty(1 << 20)
+        del block  # one cached block, inherited by the child
+        pid = os.fork()
+        if pid == 0:
+            x = torch.ones(1 << 20) + torch.ones(1 << 20)
+            ok = float(x.sum()) == 2.0 * (1 << 20) and cpu_cache.stats().hits >= 1
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        print(json.dumps(dict(status=status)))
+        """,
+        build_dir,
+    )
+    assert got["status"] == 0

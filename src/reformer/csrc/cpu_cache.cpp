@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <mutex>
+#include <pthread.h>
 #include <unordered_map>
 #include <vector>
 
@@ -110,6 +111,10 @@ int reformer_cache_install(int64_t limit) {
   }
   the_cache = new Caching();  // never freed: tensors it made may outlive any owner
   the_cache->limit = static_cast<size_t>(limit);
+  // A fork (DataLoader workers) while another thread holds the lock would leave the child's
+  // copy locked for ever: the forking thread takes it first and both sides release it.
+  pthread_atfork([] { the_cache->mu.lock(); }, [] { the_cache->mu.unlock(); },
+                 [] { the_cache->mu.unlock(); });
   c10::SetCPUAllocator(the_cache, /*priority=*/100);
   return c10::GetCPUAllocator() == the_cache ? 1 : 0;
 }
