@@ -117,10 +117,21 @@ def _module_name() -> str:
 # --- helpers shared by attention, flat and scale -------------------------------------------
 
 
+def use_cpu_cache(gib: float) -> None:
+    """In a worker: serve its tensors from reformer.cpu_cache (GiB of freed blocks kept; 0:
+    PyTorch's allocator). Fails the worker if the cache cannot be built."""
+    if gib:
+        from reformer import cpu_cache
+
+        assert cpu_cache.enable(gib), "--cpu-cache: the caching allocator did not build"
+
+
 def setup_worker(args: dict[str, Any]) -> tuple[torch.device, torch.dtype]:
-    """Fix threads and seed in a worker; returns its device and dtype."""
+    """Fix threads and seed in a worker, and its allocator (args["cpu_cache"], GiB);
+    returns its device and dtype."""
     torch.set_num_threads(args["threads"])
     torch.manual_seed(0)
+    use_cpu_cache(args.get("cpu_cache", 0.0))
     return torch.device(args.get("device", "cpu")), getattr(torch, args.get("dtype", "float32"))
 
 

@@ -46,10 +46,10 @@ from bench._harness import (
 def worker(args: dict) -> dict:
     import os
 
-    from reformer import ReformerConfig, ReformerLM, cpu_cache
+    from bench._harness import use_cpu_cache
+    from reformer import ReformerConfig, ReformerLM
 
-    if os.environ.get("BENCH_CPU_CACHE_GIB"):
-        assert cpu_cache.enable(float(os.environ["BENCH_CPU_CACHE_GIB"]))
+    use_cpu_cache(float(os.environ.get("BENCH_CPU_CACHE_GIB", 0)))
     torch.set_num_threads(args["threads"])
     torch.manual_seed(0)
     ids = torch.randint(0, 256, (1, args["length"]))

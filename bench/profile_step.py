@@ -37,13 +37,12 @@ def worker(precision: str, length: int, top: int, cache_gib: float = 0.0) -> dic
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from bench._harness import matmul_rate
+    from bench._harness import matmul_rate, use_cpu_cache
     from bench.step import CHUNK, D_FF, HASHES, HEADS, VOCAB, D, model_flops
-    from reformer import ReformerConfig, ReformerLM, cpu_cache
+    from reformer import ReformerConfig, ReformerLM
 
     torch.set_num_threads(2)
-    if cache_gib:
-        assert cpu_cache.enable(cache_gib), "--cpu-cache: the cache did not build"
+    use_cpu_cache(cache_gib)
     cfg = ReformerConfig(
         vocab_size=VOCAB, d_model=D, n_heads=HEADS, d_ff=D_FF, n_layers=1,
         max_seq_len=length, attention="lsh", n_hashes=HASHES, chunk_len=CHUNK,

@@ -55,7 +55,6 @@ from bench._harness import (
     warm_lsh_kernels,
     write_json,
 )
-from reformer import cpu_cache
 
 D, D_FF, HEADS, CHUNK, HASHES, VOCAB, FF_CHUNK = 256, 1024, 4, 64, 4, 256, 4096
 CONFIGS = ["ours", "reformer-pytorch", "transformers", "sdpa"]
@@ -157,9 +156,7 @@ def build(config: str, layers: int, length: int):
 
 
 def worker(args: dict[str, Any]) -> dict[str, Any]:
-    device, _ = setup_worker(args)
-    if args.get("cpu_cache"):  # every configuration alike: the peers' steps fault in pages too
-        assert cpu_cache.enable(args["cpu_cache"]), "--cpu-cache: the cache did not build"
+    device, _ = setup_worker(args)  # with args["cpu_cache"]: every configuration alike
     length, config = args["length"], args["config"]
     model, loss_fn = build(config, args["layers"], length)
     model = model.to(device).train()

@@ -79,6 +79,11 @@ def last_bpc(run_dir: Path) -> tuple[int, float]:
     return (steps[-1], values[-1]) if steps else (0, float("inf"))
 
 
+def bpc_at(run_dir: Path, step: int) -> float:
+    """A run's validation bpc at `step` (an evaluation step)."""
+    return dict(zip(*eval_curve(run_dir, "eval_bpc")))[step]
+
+
 def train_stages(exp: Experiment, root: Path, stage: int, minutes: float) -> bool:
     """Advance the three runs stage by stage; True when all three reached step END."""
     start = time.monotonic()
@@ -158,7 +163,7 @@ def mass_outside(run_dir: Path, n_hashes: int = 8, batches: int = 2) -> dict[str
 
 def summarise(exp: Experiment, root: Path, evals: dict, seconds: dict, outside: dict) -> str:
     common = min(last_bpc(root / r.name)[0] for r in exp.runs)
-    at = {r.name: dict(zip(*eval_curve(root / r.name, "eval_bpc")))[common] for r in exp.runs}
+    at = {r.name: bpc_at(root / r.name, common) for r in exp.runs}
     lines = [f"At step {common} (validation bpc, 8 batches of 4 x 2048):", ""]
     lines += ["| run | bpc | minus full | s/step | training time |", "|---|---|---|---|---|"]
     for r in exp.runs:
@@ -209,8 +214,7 @@ def run(data: Path, results: Path, stage: int, target: float, minutes: float) ->
     evals = {r.name: evaluate_run(exp, root / r.name) for r in exp.runs}
     outside = mass_outside(root / "full")
     text = summarise(exp, root, evals, seconds, outside)
-    final = {r.name: last_bpc(root / r.name)[1] for r in exp.runs}
-    below = {name: bpc <= target for name, bpc in final.items()}
+    below = {r.name: bpc_at(root / r.name, common) <= target for r in exp.runs}
     text += f"\n\nAt or below {target} bpc at step {common}: " + ", ".join(
         f"{name} {'yes' if ok else 'no'}" for name, ok in below.items()
     )

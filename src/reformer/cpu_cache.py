@@ -109,10 +109,6 @@ def enable(limit_gib: float) -> bool:
     return lib is not None and lib.reformer_cache_install(int(limit_gib * 2**30)) in (1, 2)
 
 
-def active() -> bool:
-    return _lib is not None and stats().limit_bytes > 0
-
-
 def stats() -> CacheStats:
     out = (ctypes.c_int64 * 5)()
     if _lib is not None:

@@ -2,8 +2,9 @@
 // stay mapped and are handed out again for the next request of the same size class, so that
 // a training step's repeated shapes (every layer, every step) fault in no fresh pages. The
 // free blocks it keeps are bounded by a limit in bytes; a block that would pass the limit goes
-// back to the system. Smaller requests go to the allocator it replaced. A plain C interface
-// (ctypes), no Python headers: it builds in seconds.
+// back to the system. Smaller blocks are allocated and freed at once (c10::alloc_cpu, as
+// PyTorch's own allocator does). A plain C interface (ctypes), no Python headers: it builds in
+// seconds.
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 #include <algorithm>

@@ -162,8 +162,8 @@ class Trainer:
             )
         device = resolve_device(cfg.device)
         self.device = local_device(device) if self.launched else device
-        on_cpu = self.device.type == "cpu" and cfg.cpu_cache_gib > 0
-        if on_cpu and cpu_cache.enable(cfg.cpu_cache_gib) and rank == 0:  # else it warned
+        wants_cache = self.device.type == "cpu" and cfg.cpu_cache_gib > 0
+        if wants_cache and cpu_cache.enable(cfg.cpu_cache_gib) and rank == 0:  # else it warned
             print(f"cpu cache: on, up to {cfg.cpu_cache_gib:g} GiB of freed blocks", flush=True)
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.recipe = recipe_cls(cfg, rank, world_size, self.device)
